@@ -1,0 +1,332 @@
+"""The SQLite catalog: files, chunks (chunk id = FAISS id), skipped files, runs, vector parts.
+
+WAL mode; every write is one transaction. Chunk ids come from
+``AUTOINCREMENT`` so an id is never reused, even after deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from cluster.chunking import Chunk
+from cluster.errors import CorruptFileError
+from cluster.scan import Skipped
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL UNIQUE,
+    root TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    n_chunks INTEGER NOT NULL,
+    indexed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    ordinal INTEGER NOT NULL,
+    char_start INTEGER NOT NULL,
+    char_end INTEGER NOT NULL,
+    text TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_file ON chunks(file_id);
+CREATE TABLE IF NOT EXISTS skipped (
+    path TEXT PRIMARY KEY,
+    root TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    run_id INTEGER
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    status TEXT NOT NULL,
+    roots TEXT NOT NULL,
+    stats TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS parts (
+    name TEXT PRIMARY KEY,
+    n INTEGER NOT NULL,
+    min_id INTEGER NOT NULL,
+    max_id INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class FileRow:
+    id: int
+    path: str
+    root: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    kind: str
+    n_chunks: int
+
+
+@dataclass(frozen=True)
+class FileBatch:
+    """One file's chunks, ready to commit with their vectors."""
+
+    path: str
+    root: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    kind: str
+    chunks: Sequence[Chunk]
+
+
+@dataclass(frozen=True)
+class ChunkHit:
+    id: int
+    path: str
+    kind: str
+    ordinal: int
+    start: int
+    end: int
+    text: str
+
+
+class Catalog:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly:
+            if not self.path.exists():
+                raise CorruptFileError(f"catalog not found: {self.path}")
+            uri = f"file:{self.path}?mode=ro"
+            self.db = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False)
+        self.db.execute("PRAGMA foreign_keys=ON")
+        try:
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                with self.db:
+                    self.db.executescript(SCHEMA)
+                    self.db.execute(
+                        "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),),
+                    )
+            self.db.execute("SELECT count(*) FROM files").fetchone()
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise CorruptFileError(f"catalog {self.path} is damaged or not a shoal catalog: {e}") from e
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+
+    # -- meta ---------------------------------------------------------------
+    def get_meta(self, key: str) -> Optional[str]:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # -- files --------------------------------------------------------------
+    def files_under(self, root: str) -> dict[str, FileRow]:
+        """Catalog files at or below ``root`` (by path, whatever root they came in with)."""
+        prefix = root.rstrip("/") + "/"
+        rows = self.db.execute(
+            "SELECT id, path, root, size, mtime_ns, sha256, kind, n_chunks FROM files"
+            " WHERE path = ? OR substr(path, 1, ?) = ?",
+            (root, len(prefix), prefix),
+        )
+        return {r[1]: FileRow(*r) for r in rows}
+
+    def file_by_path(self, path: str) -> Optional[FileRow]:
+        r = self.db.execute(
+            "SELECT id, path, root, size, mtime_ns, sha256, kind, n_chunks FROM files WHERE path=?", (path,)
+        ).fetchone()
+        return FileRow(*r) if r else None
+
+    def touch_file(self, path: str, size: int, mtime_ns: int) -> None:
+        """Record a new mtime for a file whose content hash did not change."""
+        with self.transaction() as db:
+            db.execute("UPDATE files SET size=?, mtime_ns=? WHERE path=?", (size, mtime_ns, path))
+
+    def commit_files(self, batch: Sequence[FileBatch], write_part: Any = None) -> np.ndarray:
+        """Replace each file's chunks with new ones in one transaction; return the new ids.
+
+        ``write_part(ids)`` runs inside the transaction (after the ids are known,
+        before COMMIT): it writes the vectors and returns the part's name, so the
+        rows and the vectors land together or not at all.
+        """
+        now = time.time()
+        ids: list[int] = []
+        with self.transaction() as db:
+            for fb in batch:
+                db.execute("DELETE FROM files WHERE path=?", (fb.path,))  # cascades to old chunks
+                db.execute("DELETE FROM skipped WHERE path=?", (fb.path,))
+                cur = db.execute(
+                    "INSERT INTO files(path, root, size, mtime_ns, sha256, kind, status, n_chunks, indexed_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 'indexed', ?, ?)",
+                    (fb.path, fb.root, fb.size, fb.mtime_ns, fb.sha256, fb.kind, len(fb.chunks), now),
+                )
+                file_id = cur.lastrowid
+                for c in fb.chunks:
+                    cur = db.execute(
+                        "INSERT INTO chunks(file_id, ordinal, char_start, char_end, text) VALUES (?, ?, ?, ?, ?)",
+                        (file_id, c.ordinal, c.start, c.end, c.text),
+                    )
+                    ids.append(int(cur.lastrowid))  # type: ignore[arg-type]
+            id_arr = np.asarray(ids, dtype=np.int64)
+            if write_part is not None and len(id_arr):
+                name = write_part(id_arr)
+                db.execute(
+                    "INSERT INTO parts(name, n, min_id, max_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (name, len(id_arr), int(id_arr.min()), int(id_arr.max()), now),
+                )
+        return id_arr
+
+    def delete_files(self, paths: Iterable[str]) -> int:
+        """Remove files and their chunks; returns the number of chunks removed."""
+        removed = 0
+        with self.transaction() as db:
+            for p in paths:
+                row = db.execute("SELECT n_chunks FROM files WHERE path=?", (p,)).fetchone()
+                if row:
+                    removed += row[0]
+                    db.execute("DELETE FROM files WHERE path=?", (p,))
+        return removed
+
+    # -- skipped ------------------------------------------------------------
+    def record_skipped(self, items: Sequence[Skipped], root: str, run_id: Optional[int]) -> None:
+        with self.transaction() as db:
+            for s in items:
+                db.execute("DELETE FROM files WHERE path=?", (s.path,))
+                db.execute(
+                    "INSERT OR REPLACE INTO skipped(path, root, reason, detail, run_id) VALUES (?, ?, ?, ?, ?)",
+                    (s.path, root, s.reason, s.detail, run_id),
+                )
+
+    def clear_skipped(self, root: str, keep: Iterable[str] = ()) -> None:
+        keep = set(keep)
+        with self.transaction() as db:
+            rows = db.execute("SELECT path FROM skipped WHERE root=?", (root,)).fetchall()
+            for (p,) in rows:
+                if p not in keep:
+                    db.execute("DELETE FROM skipped WHERE path=?", (p,))
+
+    def skipped(self) -> list[Skipped]:
+        return [Skipped(*r) for r in self.db.execute("SELECT path, reason, detail FROM skipped ORDER BY path")]
+
+    # -- runs ---------------------------------------------------------------
+    def start_run(self, roots: Sequence[str]) -> tuple[int, Optional[int]]:
+        """Open a run; returns (run id, id of an unfinished earlier run or None)."""
+        with self.transaction() as db:
+            prev = db.execute(
+                "SELECT id FROM runs WHERE status='running' ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            db.execute("UPDATE runs SET status='interrupted' WHERE status='running'")
+            cur = db.execute(
+                "INSERT INTO runs(started_at, status, roots) VALUES (?, 'running', ?)",
+                (time.time(), json.dumps(list(roots))),
+            )
+        return int(cur.lastrowid), (prev[0] if prev else None)  # type: ignore[arg-type]
+
+    def finish_run(self, run_id: int, status: str, stats: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET finished_at=?, status=?, stats=? WHERE id=?",
+                (time.time(), status, json.dumps(stats), run_id),
+            )
+
+    def last_run(self) -> Optional[dict[str, Any]]:
+        r = self.db.execute(
+            "SELECT id, started_at, finished_at, status, roots, stats FROM runs ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        if not r:
+            return None
+        return {"id": r[0], "started_at": r[1], "finished_at": r[2], "status": r[3],
+                "roots": json.loads(r[4]), "stats": json.loads(r[5])}
+
+    # -- parts --------------------------------------------------------------
+    def part_names(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM parts ORDER BY name")]
+
+    def replace_parts(self, old: Sequence[str], new: Optional[tuple[str, np.ndarray]]) -> None:
+        """Swap compacted parts in one transaction."""
+        with self.transaction() as db:
+            for name in old:
+                db.execute("DELETE FROM parts WHERE name=?", (name,))
+            if new is not None and len(new[1]):
+                ids = new[1]
+                db.execute(
+                    "INSERT INTO parts(name, n, min_id, max_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (new[0], len(ids), int(ids.min()), int(ids.max()), time.time()),
+                )
+
+    # -- chunks -------------------------------------------------------------
+    def chunk_ids(self) -> np.ndarray:
+        rows = self.db.execute("SELECT id FROM chunks ORDER BY id").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def lookup(self, ids: Iterable[int]) -> dict[int, ChunkHit]:
+        ids = [int(i) for i in ids if i >= 0]
+        out: dict[int, ChunkHit] = {}
+        for i0 in range(0, len(ids), 500):
+            part = ids[i0:i0 + 500]
+            q = ",".join("?" * len(part))
+            for r in self.db.execute(
+                "SELECT c.id, f.path, f.kind, c.ordinal, c.char_start, c.char_end, c.text"
+                f" FROM chunks c JOIN files f ON f.id = c.file_id WHERE c.id IN ({q})",
+                part,
+            ):
+                out[r[0]] = ChunkHit(*r)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        one = lambda sql: int(self.db.execute(sql).fetchone()[0])  # noqa: E731
+        return {
+            "files": one("SELECT count(*) FROM files"),
+            "chunks": one("SELECT count(*) FROM chunks"),
+            "skipped": one("SELECT count(*) FROM skipped"),
+            "parts": one("SELECT count(*) FROM parts"),
+        }
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT reason, count(*) FROM skipped GROUP BY reason ORDER BY 2 DESC"))
+
+    def roots(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT root FROM files ORDER BY root")]

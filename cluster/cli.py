@@ -1,0 +1,291 @@
+"""The `shoal` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from cluster.config import Config, load_config
+from cluster.errors import ShoalError
+
+log = logging.getLogger("shoal")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (default: built-in embedded defaults)")
+    p.add_argument("--data-dir", metavar="DIR", help="data dir (also $SHOAL_DATA_DIR; default ./.shoal)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
+def _positive_k(s: str) -> int:
+    try:
+        k = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"k must be an integer, got {s!r}") from None
+    if not 1 <= k <= 1000:
+        raise argparse.ArgumentTypeError(f"k must be from 1 to 1000, got {k}")
+    return k
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="shoal", description="Semantic search over folders of files.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="scan, embed and index files (incremental, resumable)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--no-build", action="store_true", help="commit embeddings but do not build an index")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted run (also what a plain rerun does)")
+    p.add_argument("--address", help="Ray cluster to join (also $RAY_ADDRESS); default: a local Ray")
+    p.add_argument("--json", action="store_true", help="print the run report as JSON")
+    _common(p)
+
+    p = sub.add_parser("build", help="build a new index generation from the committed embeddings")
+    _common(p)
+
+    for name, helptext in (("query", "search once and print the hits"),
+                           ("search", "interactive search: type queries until `exit`")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "query":
+            p.add_argument("text", help="the query")
+            p.add_argument("--json", action="store_true", help="JSON output for scripts")
+        p.add_argument("-k", type=_positive_k, default=None, help="number of hits (default from config)")
+        p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default from the index)")
+        p.add_argument("--full", action="store_true", help="show each hit's whole chunk, not a snippet")
+        _common(p)
+
+    p = sub.add_parser("status", help="index generation, counts, skipped files, model, device")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--skipped", action="store_true", help="list every skipped file with its reason")
+    _common(p)
+
+    p = sub.add_parser("gc", help="delete old generations, keeping the newest N")
+    p.add_argument("--keep", type=int, default=None, help="generations to keep (default index.keep_generations)")
+    _common(p)
+    return ap
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config, data_dir=args.data_dir)
+    addr = getattr(args, "address", None)
+    if addr:
+        from dataclasses import replace
+
+        cfg = replace(cfg, ray=replace(cfg.ray, address=addr))
+    return cfg
+
+
+def _print_hits(hits: Sequence[Any], full: bool, snippet_chars: int, out: Any = sys.stdout) -> None:
+    from cluster.scan import display_path
+
+    if not hits:
+        print("  (no hits)", file=out)
+    for h in hits:
+        print(f"{h.rank:3d}  {h.score:6.3f}  {display_path(h.path)}  [chars {h.start}-{h.end}]", file=out)
+        body = h.text if full else h.snippet(snippet_chars)
+        for line in (body.splitlines() or [""]):
+            print(f"       {line}", file=out)
+    out.flush()
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from cluster.ingest import ingest
+
+    cfg = _config(args)
+    r = ingest(args.paths, cfg, build=not args.no_build)
+    if args.json:
+        print(json.dumps(r.as_dict(), indent=2, default=str))
+    else:
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(r.skipped.items())) or "none"
+        print(f"ingested {r.files_seen} files: {r.new} new, {r.changed} changed, {r.unchanged} unchanged, "
+              f"{r.deleted} deleted; skipped: {skipped}")
+        print(f"chunks: +{r.chunks_added} -{r.chunks_removed} in {r.seconds:.1f}s "
+              f"({r.chunks_per_s:.1f} chunks/s); generation {r.generation or '-'}")
+        if r.skipped:
+            print("see `shoal status --skipped` for the reasons")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from cluster.build import build_generation
+    from cluster.catalog import Catalog
+    from cluster.ingest import data_dir_lock
+
+    cfg = _config(args)
+    with data_dir_lock(cfg.data_path), Catalog(cfg.data_path / "catalog.sqlite") as cat:
+        name = build_generation(cfg, cat)
+    print(f"built generation {name}")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from cluster.search import Searcher
+
+    cfg = _config(args)
+    k = args.k or cfg.query.k
+    s = Searcher(cfg)
+    t0 = time.perf_counter()
+    [hits] = s.search([args.text], k=k, nprobe=args.nprobe)
+    ms = (time.perf_counter() - t0) * 1000
+    if args.json:
+        print(json.dumps({"query": args.text, "k": k, "generation": s.generation, "ms": round(ms, 2),
+                          "hits": [h.as_dict(None if args.full else cfg.query.snippet_chars) for h in hits]},
+                         indent=2, ensure_ascii=False))
+    else:
+        _print_hits(hits, args.full, cfg.query.snippet_chars)
+    s.close()
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from cluster.search import Searcher
+
+    cfg = _config(args)
+    k = args.k or cfg.query.k
+    s = Searcher(cfg)
+    interactive = sys.stdin.isatty()
+    print(f"shoal: {s.manifest['ntotal']} chunks, generation {s.generation}. "
+          "Type a query; `exit`, `quit` or Ctrl-D to leave.", flush=True)
+    while True:
+        try:
+            line = input("shoal> " if interactive else "shoal> \n")
+        except EOFError:
+            print()
+            break
+        except KeyboardInterrupt:
+            print()
+            break
+        q = line.strip()
+        if not q:
+            continue
+        if q.lower() in ("exit", "quit", ":q"):
+            break
+        try:
+            t0 = time.perf_counter()
+            [hits] = s.search([q], k=k, nprobe=args.nprobe)
+            _print_hits(hits, args.full, cfg.query.snippet_chars)
+            print(f"  ({len(hits)} hits in {(time.perf_counter() - t0) * 1000:.0f} ms)", flush=True)
+        except ShoalError as e:
+            print(f"shoal: {e}", file=sys.stderr, flush=True)
+    s.close()
+    return 0
+
+
+def status_dict(cfg: Config) -> dict[str, Any]:
+    import faiss
+
+    from cluster.catalog import Catalog
+    from index import generations
+
+    data = cfg.data_path
+    st: dict[str, Any] = {"data_dir": str(data), "generation": None}
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        st["device"] = {"embedding": "cuda" if cuda else "cpu",
+                        "torch_cuda_devices": torch.cuda.device_count() if cuda else 0,
+                        "faiss_gpus": faiss.get_num_gpus()}
+    except ImportError:
+        st["device"] = {"embedding": "unknown", "faiss_gpus": faiss.get_num_gpus()}
+    name = generations.current_name(data)
+    if name is not None:
+        gen_dir, m = generations.open_current(data)
+        st["generation"] = name
+        st["index"] = {k: m.get(k) for k in ("factory", "ntotal", "nprobe", "nlist", "dim", "metric", "created_at")}
+        st["index"]["shards"] = m.get("shards")
+        st["index"]["bytes"] = sum(f["bytes"] for f in m["files"].values())
+        st["model"] = m["model"]
+    st["generations"] = generations.list_generations(data)
+    cat_path = data / "catalog.sqlite"
+    if cat_path.exists():
+        with Catalog(cat_path, readonly=True) as cat:
+            st["counts"] = cat.counts()
+            st["skipped_by_reason"] = cat.skipped_by_reason()
+            st["last_run"] = cat.last_run()
+            st["roots"] = cat.roots()
+            st["skipped"] = [{"path": s.path, "reason": s.reason, "detail": s.detail} for s in cat.skipped()]
+    return st
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster.scan import display_path
+
+    cfg = _config(args)
+    st = status_dict(cfg)
+    if not args.skipped:
+        st.pop("skipped", None)
+    if args.json:
+        print(json.dumps(st, indent=2, default=str, ensure_ascii=False))
+        return 0
+    print(f"data dir:    {st['data_dir']}")
+    if st["generation"] is None:
+        print("generation:  none (run `shoal ingest PATH`)")
+    else:
+        ix = st["index"]
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ix["created_at"]))
+        print(f"generation:  {st['generation']} (built {created}; kept: {', '.join(st['generations'])})")
+        print(f"index:       {ix['factory']}, {ix['ntotal']} vectors, dim {ix['dim']}, nprobe {ix['nprobe']}, "
+              f"{ix['bytes'] / 1e6:.1f} MB")
+        for i, s in enumerate(ix["shards"]):
+            print(f"  shard {i}:   {s['ntotal']} vectors on {s['device']}")
+        print(f"model:       {st['model']['name']} ({st['model']['fingerprint']})")
+    d = st["device"]
+    print(f"device:      embedding on {d['embedding']}; FAISS GPUs: {d['faiss_gpus']}")
+    if "counts" in st:
+        c = st["counts"]
+        print(f"catalog:     {c['files']} files, {c['chunks']} chunks, {c['skipped']} skipped")
+        if st["skipped_by_reason"]:
+            print("skipped:     " + ", ".join(f"{k} {v}" for k, v in st["skipped_by_reason"].items()))
+        if st.get("roots"):
+            print("roots:       " + ", ".join(st["roots"]))
+        r = st["last_run"]
+        if r:
+            print(f"last run:    #{r['id']} {r['status']} ({r['stats'].get('chunks_added', 0)} chunks added)")
+    for s in st.get("skipped", []):
+        print(f"  {s['reason']:<22} {display_path(s['path'])}" + (f"  ({s['detail']})" if s["detail"] else ""))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from cluster.ingest import data_dir_lock
+    from index import generations
+
+    cfg = _config(args)
+    keep = args.keep if args.keep is not None else cfg.index.keep_generations
+    if keep < 1:
+        raise ShoalError(f"--keep must be >= 1, got {keep}")
+    with data_dir_lock(cfg.data_path):
+        gone = generations.gc(cfg.data_path, keep)
+    print(f"removed {len(gone)} generation(s)" + (f": {', '.join(gone)}" if gone else ""))
+    return 0
+
+
+COMMANDS = {"ingest": cmd_ingest, "build": cmd_build, "query": cmd_query, "search": cmd_search,
+            "status": cmd_status, "gc": cmd_gc}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.cmd](args)
+    except ShoalError as e:
+        print(f"shoal: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("shoal: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

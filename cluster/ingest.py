@@ -1,0 +1,337 @@
+"""`shoal ingest`: scan -> read/chunk -> embed on Ray actors -> commit per batch -> build.
+
+The driver streams: it walks the roots, reads and chunks changed files, and
+keeps at most ``embed.max_in_flight`` batches per actor queued (backpressure).
+Each finished batch is committed at once (staged vectors + one SQLite
+transaction), so a killed run loses only the batches in flight and a rerun
+picks up where it stopped: committed files compare unchanged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from cluster.catalog import Catalog, FileBatch
+from cluster.chunking import chunk_text
+from cluster.config import Config
+from cluster.errors import IndexMismatchError, ShoalError
+from cluster.scan import FileEntry, Skipped, SkipFile, read_text, walk
+from index import generations, staging
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestReport:
+    run_id: int
+    resumed_from: Optional[int] = None
+    files_seen: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    chunks_added: int = 0
+    chunks_removed: int = 0
+    batches: int = 0
+    embed_seconds: float = 0.0
+    seconds: float = 0.0
+    generation: Optional[str] = None
+    actors: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def chunks_per_s(self) -> float:
+        return self.chunks_added / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "skipped"}
+        d["skipped"] = dict(self.skipped)
+        d["chunks_per_s"] = round(self.chunks_per_s, 2)
+        return d
+
+
+@contextmanager
+def data_dir_lock(data: Path) -> Iterator[None]:
+    """One writer per data dir: a second ingest/build fails fast instead of interleaving."""
+    data.mkdir(parents=True, exist_ok=True)
+    with open(data / "write.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise ShoalError(f"another shoal ingest or build holds {data / 'write.lock'}; wait for it to finish") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def resolve_roots(paths: Sequence[str]) -> list[str]:
+    if not paths:
+        raise ShoalError("no path given: shoal ingest PATH [PATH ...]")
+    roots = []
+    for p in paths:
+        if not os.path.exists(p):
+            raise ShoalError(f"path not found: {p}")
+        if not os.access(p, os.R_OK):
+            raise ShoalError(f"path not readable: {p}")
+        roots.append(os.path.realpath(p))
+    return roots
+
+
+class EmbedPool:
+    """Embedding actors, one per GPU (else N CPU actors), fed with bounded queues.
+
+    Actors are started lazily, on the first batch, so an ingest with nothing to
+    embed never starts Ray.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.actors: list[Any] = []
+        self.info: list[dict[str, Any]] = []
+        self.inflight: dict[Any, tuple[int, Any, float]] = {}  # ref -> (actor idx, payload, t0)
+        self.load = Counter()
+
+    def start(self) -> None:
+        import ray
+
+        from cluster.ray_env import init_ray
+        from workers.actors import EmbedActor
+        from workers.embed import torch_threads_for
+
+        init_ray(self.cfg.ray.address, num_cpus=self.cfg.ray.num_cpus, num_gpus=self.cfg.ray.num_gpus)
+        m, e = self.cfg.model, self.cfg.embed
+        n_gpus = int(ray.cluster_resources().get("GPU", 0))
+        if n_gpus > 0:
+            opts = [dict(num_gpus=1, num_cpus=e.cpus_per_actor)] * n_gpus
+            threads, device, batch = 1, m.device, e.gpu_batch_size
+            log.info("embedding on %d GPU actor(s), one per GPU", n_gpus)
+        else:
+            opts = [dict(num_cpus=e.cpus_per_actor)] * e.cpu_actors
+            threads = torch_threads_for(e.cpu_actors, e.threads_per_actor)
+            device, batch = "cpu", m.batch_size
+            log.info("no GPU in the Ray cluster: embedding on %d CPU actor(s), %d threads each", e.cpu_actors, threads)
+        self.actors = [
+            EmbedActor.options(**o).remote(m.name, device, m.max_seq_length, batch, threads, m.allow_download)
+            for o in opts
+        ]
+        self.info = ray.get([a.info.remote() for a in self.actors])
+        fps = {i["fingerprint"] for i in self.info}
+        if len(fps) != 1:
+            raise IndexMismatchError(f"embedding actors loaded different models: {sorted(fps)}")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info[0]["fingerprint"]
+
+    def full(self) -> bool:
+        if not self.actors:
+            return False
+        return len(self.inflight) >= len(self.actors) * self.cfg.embed.max_in_flight
+
+    def submit(self, texts: list[str], payload: Any) -> None:
+        if not self.actors:
+            self.start()
+        i = min(range(len(self.actors)), key=lambda j: self.load[j])
+        ref = self.actors[i].embed.remote(texts)
+        self.load[i] += 1
+        self.inflight[ref] = (i, payload, time.perf_counter())
+
+    def wait_one(self) -> tuple[Any, np.ndarray, float]:
+        """Block for the next finished batch: (payload, xb, seconds)."""
+        import ray
+
+        [ref], _ = ray.wait(list(self.inflight), num_returns=1)
+        i, payload, t0 = self.inflight.pop(ref)
+        self.load[i] -= 1
+        xb = ray.get(ref)
+        return payload, xb, time.perf_counter() - t0
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+class Progress:
+    def __init__(self, out: Callable[[str], None], every_s: float = 5.0) -> None:
+        self.out, self.every_s, self.t0, self.last = out, every_s, time.perf_counter(), 0.0
+
+    def tick(self, r: IngestReport, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or now - self.last >= self.every_s:
+            self.last = now
+            el = now - self.t0
+            self.out(
+                f"[ingest] {el:6.1f}s files {r.files_seen} (new {r.new}, changed {r.changed}, "
+                f"unchanged {r.unchanged}, skipped {sum(r.skipped.values())}) chunks {r.chunks_added} "
+                f"({r.chunks_added / el if el else 0:.1f}/s)"
+            )
+
+
+def _check_model(cat: Catalog, pool: EmbedPool, cfg: Config) -> None:
+    info = pool.info[0]
+    meta = {
+        "name": info["model"], "fingerprint": info["fingerprint"], "dim": info["dim"],
+        "max_seq_length": info["max_seq_length"],
+        "chunk_tokens": cfg.chunk.tokens, "chunk_overlap_tokens": cfg.chunk.overlap_tokens,
+    }
+    raw = cat.get_meta("model")
+    if raw is not None:
+        old = json.loads(raw)
+        if old["fingerprint"] != meta["fingerprint"] and cat.counts()["chunks"] > 0:
+            raise IndexMismatchError(
+                f"this data dir was embedded with model {old['name']} ({old['fingerprint']}); the config asks for "
+                f"{meta['name']} ({meta['fingerprint']}). Use another --data-dir for a different model."
+            )
+    cat.set_meta("model", json.dumps(meta))
+
+
+def ingest(paths: Sequence[str], cfg: Config, *, build: bool = True,
+           out: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> IngestReport:
+    """Bring the catalog and index in line with the files under ``paths``."""
+    t0 = time.perf_counter()
+    roots = resolve_roots(paths)
+    data = cfg.data_path
+    with data_dir_lock(data):
+        cat = Catalog(data / "catalog.sqlite")
+        try:
+            return _ingest_locked(roots, cfg, cat, build, out, t0)
+        finally:
+            cat.close()
+
+
+def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
+                   out: Callable[[str], None], t0: float) -> IngestReport:
+    data = cfg.data_path
+    stage = data / "staging"
+    orphans = staging.remove_orphans(stage, cat.part_names())
+    if orphans:
+        log.info("removed %d uncommitted vector parts left by an interrupted run", len(orphans))
+    run_id, prev = cat.start_run(roots)
+    report = IngestReport(run_id=run_id, resumed_from=prev)
+    if prev is not None:
+        out(f"[ingest] run {prev} did not finish; resuming (committed files are kept)")
+    pool = EmbedPool(cfg)
+    progress = Progress(out)
+    tokenizer = None
+    pending: list[FileBatch] = []
+    pending_chunks = 0
+
+    def commit(payload: list[FileBatch], xb: np.ndarray, secs: float) -> None:
+        nonlocal report
+        if report.batches == 0 or cat.get_meta("model") is None:
+            _check_model(cat, pool, cfg)
+        cat.commit_files(payload, write_part=lambda ids: staging.write_part(stage, ids, xb))
+        report.batches += 1
+        report.chunks_added += len(xb)
+        report.embed_seconds += secs
+        progress.tick(report)
+
+    def flush() -> None:
+        nonlocal pending, pending_chunks
+        if not pending:
+            return
+        while pool.full():
+            commit(*pool.wait_one())
+        pool.submit([c.text for fb in pending for c in fb.chunks], pending)
+        pending, pending_chunks = [], 0
+
+    status = "failed"
+    try:
+        for root in roots:
+            known = cat.files_under(root)
+            seen: set[str] = set()
+            skips: list[Skipped] = []
+            for item in walk([root], ignore=cfg.scan.ignore, max_file_bytes=cfg.scan.max_file_bytes,
+                             follow_symlinks=cfg.scan.follow_symlinks, exclude_dirs=[str(data)]):
+                report.files_seen += 1
+                if isinstance(item, Skipped):
+                    skips.append(item)
+                    report.skipped[item.reason] += 1
+                    continue
+                seen.add(item.path)
+                old = known.get(item.path)
+                if old is not None and old.size == item.size and old.mtime_ns == item.mtime_ns:
+                    report.unchanged += 1
+                    continue
+                try:
+                    text, kind, digest = read_text(item.path, cfg.scan.max_file_bytes)
+                except SkipFile as e:
+                    seen.discard(item.path)
+                    skips.append(Skipped(item.path, e.reason, e.detail))
+                    report.skipped[e.reason] += 1
+                    continue
+                if old is not None and old.sha256 == digest:
+                    cat.touch_file(item.path, item.size, item.mtime_ns)
+                    report.unchanged += 1
+                    continue
+                if tokenizer is None:
+                    tokenizer = _load_tokenizer(cfg)
+                chunks = chunk_text(text, tokenizer, cfg.chunk.tokens, cfg.chunk.overlap_tokens)
+                if old is None:
+                    report.new += 1
+                else:
+                    report.changed += 1
+                    report.chunks_removed += old.n_chunks
+                if not chunks:
+                    skips.append(Skipped(item.path, "empty", "no text content"))
+                    seen.discard(item.path)
+                    continue
+                pending.append(FileBatch(item.path, item.root, item.size, item.mtime_ns, digest, kind, chunks))
+                pending_chunks += len(chunks)
+                if pending_chunks >= cfg.embed.batch_chunks:
+                    flush()
+                progress.tick(report)
+            flush()
+            while pool.inflight:
+                commit(*pool.wait_one())
+            # never delete what sits under a folder we could not read this time
+            blind = [s.path.rstrip("/") + "/" for s in skips if s.reason == "unreadable-dir"]
+            gone = [p for p in known if p not in seen and not p.startswith(tuple(blind))]
+            report.deleted += sum(1 for p in gone if p not in {s.path for s in skips})
+            report.chunks_removed += cat.delete_files(gone)
+            cat.clear_skipped(root)
+            cat.record_skipped(skips, root, run_id)
+        report.actors = pool.info
+        changed = report.chunks_added or report.chunks_removed or report.deleted
+        needs_build = build and (changed or generations.current_name(data) is None)
+        if needs_build and cat.get_meta("model") is not None:
+            from cluster.build import build_generation
+
+            report.generation = build_generation(cfg, cat)
+        else:
+            report.generation = generations.current_name(data)
+        status = "done"
+    finally:
+        report.seconds = time.perf_counter() - t0
+        if pool.actors:
+            pool.shutdown()
+        cat.finish_run(run_id, status, report.as_dict())
+    progress.tick(report, force=True)
+    return report
+
+
+def _load_tokenizer(cfg: Config) -> Any:
+    import transformers
+    from transformers import AutoTokenizer
+
+    from workers.embed import resolve_model_path
+
+    transformers.utils.logging.set_verbosity_error()
+    path = resolve_model_path(cfg.model.name)
+    return AutoTokenizer.from_pretrained(path, local_files_only=Path(path).is_dir() or not cfg.model.allow_download)

@@ -1,0 +1,38 @@
+"""Starting or joining Ray. A local Ray stays on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
+             num_gpus: Optional[int] = None) -> str:
+    """Join ``address`` (or $RAY_ADDRESS), else start a loopback-only local Ray.
+
+    Returns "local" or the address joined.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        ray.init(address=address, **quiet)
+        log.info("joined Ray cluster at %s", address)
+        return address
+    # Ray's single-machine mode keeps GCS, raylet and client server on loopback.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        **quiet,
+    )
+    log.info("started local Ray on 127.0.0.1 (%s)", ray.cluster_resources())
+    return "local"

@@ -1,0 +1,145 @@
+"""In-process search over the live generation: embed, search, look up, format."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import faiss
+import numpy as np
+
+from cluster.catalog import Catalog
+from cluster.config import Config
+from cluster.errors import IndexMismatchError, ShoalError
+from index import generations
+from index.factory import set_nprobe
+
+log = logging.getLogger(__name__)
+
+MAX_K = 1000
+MAX_QUERY_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    id: int
+    path: str
+    kind: str
+    start: int
+    end: int
+    text: str
+
+    def snippet(self, chars: int = 200) -> str:
+        flat = " ".join(self.text.split())
+        return flat if len(flat) <= chars else flat[:chars].rstrip() + "…"
+
+    def as_dict(self, snippet_chars: Optional[int] = 200) -> dict[str, Any]:
+        d = asdict(self)
+        if snippet_chars is not None:
+            d["text"] = self.snippet(snippet_chars)
+        return d
+
+
+def validate_query(q: Any, k: Any) -> tuple[str, int]:
+    if not isinstance(q, str):
+        raise ShoalError(f"query must be a string, got {type(q).__name__}")
+    q = q.strip()
+    if not q:
+        raise ShoalError("empty query: type some words to search for")
+    if len(q) > MAX_QUERY_CHARS:
+        raise ShoalError(f"query too long: {len(q)} characters (max {MAX_QUERY_CHARS})")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise ShoalError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+    return q, k
+
+
+def load_shards(gen_dir: Path, manifest: dict[str, Any]) -> faiss.Index:
+    """The generation's shards as one index answering global ids."""
+    shards = [faiss.read_index(str(gen_dir / s["file"])) for s in manifest["shards"]]
+    if len(shards) == 1:
+        return shards[0]
+    index = faiss.IndexShards(manifest["dim"], True, False)  # threaded, successive_ids=False
+    for s in shards:
+        index.add_shard(s)
+    index._keep = shards  # the Python wrappers own the shards
+    return index
+
+
+class Searcher:
+    """Loads the live generation and the model once; answers many queries."""
+
+    def __init__(self, cfg: Config, *, lm: Any = None) -> None:
+        self.cfg = cfg
+        data = cfg.data_path
+        self.gen_dir, self.manifest = generations.open_current(data)
+        generations.verify(self.gen_dir, self.manifest)
+        try:
+            self.index = load_shards(self.gen_dir, self.manifest)
+        except RuntimeError as e:
+            raise ShoalError(f"cannot read the index in {self.gen_dir}: {str(e).splitlines()[-1]}") from e
+        self.nprobe = int(self.manifest.get("nprobe", cfg.index.nprobe))
+        set_nprobe(self.index, self.nprobe)
+        if lm is None:
+            from workers.embed import load_model
+
+            m = cfg.model
+            lm = load_model(m.name, device=m.device, max_seq_length=m.max_seq_length,
+                            allow_download=m.allow_download)
+        self.lm = lm
+        want = self.manifest["model"]["fingerprint"]
+        if lm.fingerprint != want:
+            raise IndexMismatchError(
+                f"the index was built with model {self.manifest['model']['name']} ({want}); "
+                f"this query would use {lm.name} ({lm.fingerprint}). Set model.name to match or re-ingest."
+            )
+        self.catalog = Catalog(data / "catalog.sqlite", readonly=True)
+
+    @property
+    def generation(self) -> str:
+        return str(self.manifest["generation"])
+
+    def embed(self, queries: Sequence[str]) -> np.ndarray:
+        from workers.embed import encode
+
+        return encode(list(queries), self.lm, self.cfg.model.batch_size)
+
+    def search_vectors(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """D, I of size (nq, k) from the index (ids may include deleted chunks)."""
+        if nprobe is not None:
+            set_nprobe(self.index, nprobe)
+        try:
+            return self.index.search(np.ascontiguousarray(xq, dtype=np.float32), k)
+        finally:
+            if nprobe is not None:
+                set_nprobe(self.index, self.nprobe)
+
+    def hits(self, D: np.ndarray, I: np.ndarray, k: int) -> list[list[Hit]]:
+        """Map ids to catalog rows; ids no longer in the catalog are dropped."""
+        rows = self.catalog.lookup(np.unique(I[I >= 0]).tolist())
+        out = []
+        for drow, irow in zip(D, I):
+            hs: list[Hit] = []
+            for score, i in zip(drow, irow):
+                c = rows.get(int(i))
+                if c is None:
+                    continue
+                hs.append(Hit(len(hs) + 1, float(score), c.id, c.path, c.kind, c.start, c.end, c.text))
+                if len(hs) == k:
+                    break
+            out.append(hs)
+        return out
+
+    def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None) -> list[list[Hit]]:
+        qs = [validate_query(q, k)[0] for q in queries]
+        if not qs:
+            return []
+        fetch = min(max(self.index.ntotal, 1), k + 16)
+        D, I = self.search_vectors(self.embed(qs), fetch, nprobe)
+        return self.hits(D, I, k)
+
+    def close(self) -> None:
+        self.catalog.close()

@@ -1,0 +1,105 @@
+"""Choosing, training and filling a FAISS index from a factory string."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import faiss
+import numpy as np
+
+from cluster.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per centroid
+_IVF_RE = re.compile(r"^IVF(\d+)")
+
+
+def nlist_for(n: int) -> int:
+    """A power of two near 4*sqrt(n), small enough for 39 training points per list."""
+    if n < MIN_POINTS_PER_LIST * 2:
+        return 1
+    target = 4 * math.sqrt(n)
+    nlist = 2 ** max(0, round(math.log2(target)))
+    while nlist > 1 and n < MIN_POINTS_PER_LIST * nlist:
+        nlist //= 2
+    return nlist
+
+
+def choose_factory(n: int, configured: str = "auto", flat_threshold: int = 20_000) -> str:
+    """The factory string for ``n`` vectors: exact below the threshold, IVF above.
+
+    ``IVF{nlist}`` in a configured string is filled in from ``n``.
+    """
+    if configured == "auto":
+        return "Flat" if n < flat_threshold else f"IVF{nlist_for(n)},Flat"
+    if "{nlist}" in configured:
+        return configured.replace("{nlist}", str(nlist_for(n)))
+    return configured
+
+
+def parse_nlist(factory: str) -> int:
+    m = _IVF_RE.match(factory)
+    return int(m.group(1)) if m else 0
+
+
+def make_index(factory: str, d: int) -> faiss.Index:
+    """An empty index for inner product on normalised vectors, taking global ids."""
+    try:
+        if factory == "Flat":
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ConfigError(f"index.factory: FAISS cannot build {factory!r}: {str(e).splitlines()[-1]}") from e
+    if not index.is_trained and faiss.try_extract_index_ivf(index) is None and "PQ" not in factory and "SQ" not in factory:
+        raise ConfigError(f"index.factory: {factory!r} is not supported (use Flat, IVF..., PQ..., SQ...)")
+    return index
+
+
+def train_sample(xb: np.ndarray, factory: str, per_list: int = 64, seed: int = 1234) -> np.ndarray:
+    """A random sample of ``xb`` big enough to train ``factory``: (ns, d)."""
+    nlist = parse_nlist(factory)
+    pq = re.search(r"PQ(\d+)", factory)
+    need = max(nlist * per_list, 256 * 39 if pq else 0)
+    if len(xb) <= need:
+        if nlist and len(xb) < nlist * MIN_POINTS_PER_LIST:
+            log.warning(
+                "training %s on %d vectors: fewer than %d per list; recall may suffer "
+                "(fewer lists or more data would help)", factory, len(xb), MIN_POINTS_PER_LIST,
+            )
+        return xb
+    rs = np.random.default_rng(seed)
+    return xb[np.sort(rs.choice(len(xb), need, replace=False))]
+
+
+def train_index(factory: str, xt: np.ndarray) -> faiss.Index:
+    """Train an empty index of ``factory`` on xt (ns, d)."""
+    index = make_index(factory, xt.shape[1])
+    if not index.is_trained:
+        nlist = parse_nlist(factory)
+        if nlist and len(xt) < nlist:
+            raise ConfigError(
+                f"index.factory: {factory!r} needs at least {nlist} training vectors, only {len(xt)} staged; "
+                "use fewer lists or 'auto'"
+            )
+        index.train(np.ascontiguousarray(xt, dtype=np.float32))
+    return index
+
+
+def add_in_blocks(index: faiss.Index, xb: np.ndarray, ids: np.ndarray, bs: int = 65536) -> None:
+    """add_with_ids in blocks so the float32 copy stays small."""
+    for i0 in range(0, len(xb), bs):
+        index.add_with_ids(np.ascontiguousarray(xb[i0:i0 + bs], dtype=np.float32), ids[i0:i0 + bs])
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Set nprobe on every IVF layer found (plain, sharded, or wrapped)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = nprobe
+        return
+    if isinstance(index, (faiss.IndexShards, faiss.IndexReplicas)):
+        for i in range(index.count()):
+            set_nprobe(faiss.downcast_index(index.at(i)), nprobe)

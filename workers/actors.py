@@ -1,0 +1,49 @@
+"""Ray actors around the plain embedding functions."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import ray
+
+from workers.embed import encode, load_model
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(max_restarts=3, max_task_retries=3)
+class EmbedActor:
+    """Holds one model on one device (the GPU Ray assigned, or the CPU)."""
+
+    def __init__(self, model_name: str, device: str, max_seq_length: int, batch_size: int,
+                 threads: int, allow_download: bool) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        self.cuda_visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        self.gpu_ids = ray.get_gpu_ids()
+        self.lm = load_model(model_name, device=device, max_seq_length=max_seq_length,
+                             threads=threads, allow_download=allow_download)
+        self.batch_size = batch_size
+        if self.gpu_ids and self.lm.device == "cpu":
+            log.warning("Ray assigned GPU %s (CUDA_VISIBLE_DEVICES=%s) but no card answers; embedding on the CPU",
+                        self.gpu_ids, self.cuda_visible)
+        log.info("embed actor pid %d: device %s, Ray GPUs %s, CUDA_VISIBLE_DEVICES=%r",
+                 os.getpid(), self.lm.device, self.gpu_ids, self.cuda_visible)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "device": self.lm.device,
+            "gpu_ids": [str(g) for g in self.gpu_ids],
+            "cuda_visible_devices": self.cuda_visible,
+            "model": self.lm.name,
+            "fingerprint": self.lm.fingerprint,
+            "dim": self.lm.dim,
+            "max_seq_length": self.lm.max_seq_length,
+        }
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """texts -> (n, d) float32, L2-normalised."""
+        return encode(texts, self.lm, self.batch_size)
