@@ -103,3 +103,25 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     if isinstance(index, (faiss.IndexShards, faiss.IndexReplicas)):
         for i in range(index.count()):
             set_nprobe(faiss.downcast_index(index.at(i)), nprobe)
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """Every id stored in ``index`` (IDMap, IVF, or shards of them), sorted."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
+    if isinstance(index, faiss.IndexShards):
+        parts = [index_ids(index.at(i)) for i in range(index.count())]
+        return np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        raise TypeError(f"cannot list the ids of a {type(index).__name__}")
+    inv = ivf.invlists
+    parts = []
+    for lno in range(ivf.nlist):
+        n = inv.list_size(lno)
+        if n:
+            ptr = inv.get_ids(lno)
+            parts.append(faiss.rev_swig_ptr(ptr, n).astype(np.int64).copy())
+            inv.release_ids(lno, ptr)
+    return np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64)

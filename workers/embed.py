@@ -71,17 +71,19 @@ def pick_device(requested: str = "auto") -> str:
     return "cpu"
 
 
-def model_fingerprint(name: str, config: dict[str, Any], state_dict: dict[str, Any]) -> str:
+def model_fingerprint(config: dict[str, Any], state_dict: dict[str, Any]) -> str:
     """sha256 over the model's config and every weight tensor, in name order."""
     import torch
 
     h = hashlib.sha256()
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    # keys with a leading underscore (_name_or_path, ...) say where it was loaded from, not what it is
+    stable = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+    h.update(json.dumps(stable, sort_keys=True, default=str).encode())
     for key in sorted(state_dict):
         t = state_dict[key].detach().to("cpu").contiguous().reshape(-1)
         h.update(key.encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
-    return f"{name}@sha256:{h.hexdigest()[:16]}"
+    return f"sha256:{h.hexdigest()[:32]}"
 
 
 def load_model(
@@ -113,7 +115,7 @@ def load_model(
     model.eval().to(dev)
     limit = getattr(model.config, "max_position_embeddings", max_seq_length)
     seq = min(max_seq_length, limit)
-    fp = model_fingerprint(name, model.config.to_dict(), model.state_dict())
+    fp = model_fingerprint(model.config.to_dict(), model.state_dict())
     dim = int(model.config.hidden_size)
     log.info("loaded model %s from %s on %s (dim %d, fingerprint %s)", name, path, dev, dim, fp)
     return LoadedModel(name, path, tokenizer, model, dev, seq, dim, fp)

@@ -1,0 +1,75 @@
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+ROOT = Path(__file__).resolve().parent.parent
+CRANFIELD = ROOT.parent / "shared" / "data" / "cranfield"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run long soak tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def cranfield_docs(limit: int) -> list[dict]:
+    if not (CRANFIELD / "corpus.jsonl").is_file():
+        pytest.skip(f"Cranfield collection not found at {CRANFIELD}")
+    docs = []
+    with open(CRANFIELD / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            docs.append(json.loads(line))
+            if len(docs) >= limit:
+                break
+    return docs
+
+
+def write_docs(docs: list[dict], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for d in docs:
+        p = out / f"{d['_id']}.txt"
+        p.write_text(f"{d['title'].strip()}\n\n{d['text'].strip()}\n", encoding="utf-8")
+        paths[d["_id"]] = p
+    return paths
+
+
+@pytest.fixture(scope="session")
+def lm():
+    from workers.embed import load_model
+
+    return load_model(threads=2)
+
+
+@pytest.fixture
+def test_cfg(tmp_path):
+    from cluster.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "test.yaml")
+    return replace(cfg, data_dir=str(tmp_path / "data"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (loopback only) for the whole session."""
+    import ray
+
+    from cluster.ray_env import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

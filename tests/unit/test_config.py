@@ -1,0 +1,87 @@
+import pytest
+
+from cluster.config import Config, config_from_dict, load_config, parse_bytes
+from cluster.errors import ConfigError
+
+
+def test_defaults_need_no_file():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.model.name == "all-MiniLM-L6-v2"
+    assert cfg.scan.max_file_bytes == 20 << 20
+
+
+@pytest.mark.parametrize("text,expected", [
+    (123, 123), ("64K", 64 << 10), ("512M", 512 << 20), ("16G", 16 << 30), ("1.5GiB", int(1.5 * (1 << 30))),
+    ("10 MB", 10 << 20),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["16X", "-1", "", True, 1.5, None])
+def test_parse_bytes_rejects(bad):
+    with pytest.raises(ConfigError, match="size"):
+        parse_bytes(bad)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": {"nmae": "x"}})
+    msg = str(e.value)
+    assert "model.nmae" in msg and "max_seq_length" in msg and "batch_size" in msg
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ConfigError, match="unknown config key colour.*data_dir"):
+        config_from_dict({"colour": 1})
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"model": {"batch_size": "big"}}, "model.batch_size"),
+    ({"model": {"batch_size": True}}, "model.batch_size"),
+    ({"model": {"batch_size": 0}}, "model.batch_size"),
+    ({"model": {"device": "tpu"}}, "model.device"),
+    ({"chunk": {"tokens": 100, "overlap_tokens": 100}}, "chunk.overlap_tokens"),
+    ({"scan": {"max_file_bytes": "lots"}}, "scan.max_file_bytes"),
+    ({"scan": {"ignore": "*.log"}}, "scan.ignore"),
+    ({"index": {"nprobe": -3}}, "index.nprobe"),
+    ({"embed": {"cpus_per_actor": 0}}, "embed.cpus_per_actor"),
+    ({"ray": {"address": 5}}, "ray.address"),
+    ({"model": "x"}, "model"),
+])
+def test_bad_values_name_the_key(data, key):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert key in str(e.value)
+
+
+def test_yaml_file_and_env_override(tmp_path, monkeypatch):
+    p = tmp_path / "c.yaml"
+    p.write_text("data_dir: /somewhere\nindex:\n  factory: IVF64,Flat\nscan:\n  max_file_bytes: 1M\n")
+    monkeypatch.delenv("SHOAL_DATA_DIR", raising=False)
+    cfg = load_config(p)
+    assert cfg.data_dir == "/somewhere" and cfg.index.factory == "IVF64,Flat"
+    assert cfg.scan.max_file_bytes == 1 << 20
+    monkeypatch.setenv("SHOAL_DATA_DIR", str(tmp_path / "env"))
+    assert load_config(p).data_dir == str(tmp_path / "env")
+    assert load_config(p, data_dir="cli").data_dir == "cli"
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"):
+        load_config(p)

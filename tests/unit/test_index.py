@@ -1,0 +1,106 @@
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from cluster.errors import ConfigError, CorruptFileError, ShoalError
+from index import generations, staging
+from index.factory import add_in_blocks, choose_factory, nlist_for, set_nprobe, train_index, train_sample
+
+
+def clustered(n, d=32, nc=50, seed=0):
+    rs = np.random.default_rng(seed)
+    centers = rs.normal(size=(nc, d)).astype(np.float32)
+    x = centers[rs.integers(0, nc, n)] + 0.3 * rs.normal(size=(n, d)).astype(np.float32)
+    faiss.normalize_L2(x)
+    return x
+
+
+def test_nlist_keeps_39_points_per_list():
+    for n in (10, 100, 1000, 5000, 20_000, 1_000_000):
+        nl = nlist_for(n)
+        assert nl >= 1 and (nl == 1 or n >= 39 * nl)
+        assert nl & (nl - 1) == 0
+    assert nlist_for(1_000_000) == 4096
+
+
+def test_choose_factory():
+    assert choose_factory(100) == "Flat"
+    assert choose_factory(50_000) == f"IVF{nlist_for(50_000)},Flat"
+    assert choose_factory(50_000, "IVF{nlist},PQ16") == f"IVF{nlist_for(50_000)},PQ16"
+    assert choose_factory(10, "IVF64,Flat") == "IVF64,Flat"
+
+
+def test_bad_factory_is_config_error():
+    with pytest.raises(ConfigError, match="index.factory"):
+        train_index("IVFbogus", np.zeros((10, 8), np.float32))
+    with pytest.raises(ConfigError, match="training vectors"):
+        train_index("IVF256,Flat", np.zeros((10, 8), np.float32))
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF64,Flat", "IVF64,SQfp16"])
+def test_index_recall_against_exact(factory):
+    xb = clustered(8000)
+    xq = clustered(200, seed=1)
+    ids = np.arange(8000, dtype=np.int64) * 7 + 3  # arbitrary global ids
+    gt = faiss.IndexFlatIP(32)
+    gt.add(xb)
+    _, Igt = gt.search(xq, 10)
+    index = train_index(factory, train_sample(xb, factory))
+    add_in_blocks(index, xb, ids, bs=1000)
+    set_nprobe(index, 16)
+    _, I = index.search(xq, 10)
+    recall = np.mean([len(set(I[i]) & set(ids[Igt[i]])) / 10 for i in range(len(xq))])
+    assert recall >= (0.999 if factory == "Flat" else 0.9), recall
+
+
+def test_generation_commit_switch_and_gc(tmp_path):
+    for i in range(4):
+        tmp = generations.begin(tmp_path)
+        (tmp / "shard_00.index").write_bytes(b"x" * (i + 1))
+        name = generations.commit(tmp_path, tmp, {"ntotal": i})
+        assert generations.current_name(tmp_path) == name == f"{i + 1:06d}"
+    gen_dir, m = generations.open_current(tmp_path)
+    assert m["ntotal"] == 3 and m["files"]["shard_00.index"]["bytes"] == 4
+    generations.verify(gen_dir, m)
+    stale = generations.begin(tmp_path)  # a build that crashed midway
+    assert generations.gc(tmp_path, keep=2) == ["000001", "000002"]
+    assert generations.list_generations(tmp_path) == ["000003", "000004"]
+    assert not stale.exists()
+
+
+def test_checksum_catches_torn_file(tmp_path):
+    tmp = generations.begin(tmp_path)
+    (tmp / "shard_00.index").write_bytes(b"0123456789" * 100)
+    generations.commit(tmp_path, tmp, {})
+    gen_dir, m = generations.open_current(tmp_path)
+    with open(gen_dir / "shard_00.index", "r+b") as f:
+        f.seek(500)
+        f.write(b"XX")
+    with pytest.raises(CorruptFileError, match="shard_00.index"):
+        generations.verify(gen_dir, m)
+    (gen_dir / "manifest.json").write_text("{ torn")
+    with pytest.raises(CorruptFileError, match="manifest"):
+        generations.open_current(tmp_path)
+
+
+def test_no_generation_is_a_clear_error(tmp_path):
+    with pytest.raises(ShoalError, match="shoal ingest"):
+        generations.open_current(tmp_path)
+
+
+def test_staging_parts_round_trip_and_orphans(tmp_path):
+    xb = clustered(100, d=8)
+    ids = np.arange(100, dtype=np.int64) + 10
+    a = staging.write_part(tmp_path, ids[:60], xb[:60])
+    b = staging.write_part(tmp_path, ids[60:], xb[60:])
+    (tmp_path / "part-orphan.npz").write_bytes(b"junk")
+    live = np.setdiff1d(ids, [15, 70])
+    got_ids, got_xb = staging.load_live(tmp_path, [a, b], live, 8)
+    assert np.array_equal(got_ids, live)
+    assert np.allclose(got_xb, xb[np.isin(ids, live)])
+    assert staging.remove_orphans(tmp_path, [a, b]) == ["part-orphan.npz"]
+    (tmp_path / a).write_bytes(b"torn")
+    with pytest.raises(CorruptFileError, match=a):
+        staging.read_part(tmp_path, a)
