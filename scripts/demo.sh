@@ -11,9 +11,14 @@ if [ ! -d "$corpus" ]; then
   python scripts/make_corpus.py "$corpus" --limit 300
 fi
 shoal ingest "$corpus"
+if [ -f ../shared/data/cranfield/corpus.jsonl ] || [ -n "${SHOAL_DEMO_CORPUS:-}" ]; then
+  q=${SHOAL_DEMO_QUERY:-"how does a propeller slipstream change the lift of a wing"}
+else
+  q=${SHOAL_DEMO_QUERY:-"how are files split into chunks with character offsets"}
+fi
 echo
-echo '$ shoal query "how does a propeller slipstream change the lift of a wing" -k 5'
-shoal query "how does a propeller slipstream change the lift of a wing" -k 5
+echo "\$ shoal query \"$q\" -k 5"
+shoal query "$q" -k 5
 echo
 shoal status
 echo
