@@ -1,78 +1,238 @@
-"""Build a new index generation from the catalog's live chunks and their staged vectors."""
+"""Build a new index generation from the catalog's live chunks and their staged vectors.
+
+Three ways, chosen by :func:`choose_mode`:
+
+- ``full``: train the coarse quantizer (and PQ) on a sample, plan the shards,
+  add every vector. First build, `shoal reindex`, or a changed factory.
+- ``merge``: keep the trained quantizer of the live generation, re-add every
+  live vector into fresh shards (no retraining).
+- ``delta``: hard-link the live generation's shard files, put the vectors
+  added since into a small in-memory ``delta.index`` searched beside them,
+  and list the removed ids in ``deleted.npy`` (masked at search time:
+  ``remove_ids`` on merged on-disk lists removes nothing, faiss#2315).
+  Used while added + deleted stay under ``index.delta_max_fraction``.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import faiss
 import numpy as np
+import psutil
 
 from cluster.catalog import Catalog
 from cluster.config import Config
-from cluster.errors import CorruptFileError, ShoalError
+from cluster.errors import ConfigError, CorruptFileError, ShoalError
 from index import generations, staging
-from index.factory import add_in_blocks, choose_factory, parse_nlist, train_index, train_sample
+from index.factory import add_in_blocks, choose_factory, make_index, parse_nlist, train_sample
+from index.gpu import detect_gpus, use_gpu_clustering
+from index.ondisk import write_ondisk_shard
+from index.shards import ShardSpec, plan_shards
 
 log = logging.getLogger(__name__)
 
+Mode = Literal["full", "merge", "delta"]
+
 
 def model_meta(cat: Catalog) -> dict[str, Any]:
-    import json
-
     raw = cat.get_meta("model")
     if raw is None:
         raise ShoalError("the catalog has no embedded chunks yet: run `shoal ingest PATH` first")
     return json.loads(raw)
 
 
-def build_generation(cfg: Config, cat: Catalog) -> str:
-    """Train, fill and publish a new generation; returns its name."""
+@dataclass(frozen=True)
+class Decision:
+    mode: Mode
+    factory: str
+    reason: str
+    base: Optional[Path] = None  # the live generation reused by merge/delta
+    base_manifest: Optional[dict[str, Any]] = None
+
+
+def _live_generation(data: Path, meta: dict[str, Any]) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+    try:
+        gen_dir, m = generations.open_current(data)
+    except ShoalError:
+        return None, None
+    if m["model"].get("fingerprint") != meta["fingerprint"] or m.get("dim") != meta["dim"]:
+        return None, None
+    return gen_dir, m
+
+
+def choose_mode(cfg: Config, n_live: int, added: int, deleted: int, base: Optional[dict[str, Any]],
+                retrain: bool) -> tuple[Mode, str, str]:
+    """(mode, factory, reason) for a build of ``n_live`` vectors; pure, for tests."""
+    wanted = choose_factory(n_live, cfg.index.factory, cfg.index.flat_threshold)
+    if retrain or base is None:
+        return "full", wanted, "reindex requested" if retrain else "no live generation for this model"
+    same_config = base.get("configured_factory") == cfg.index.factory and base.get("ondisk") == cfg.index.ondisk
+    if base["factory"] == "Flat" or not same_config:
+        return "full", wanted, "exact index rebuilt" if base["factory"] == "Flat" else "index settings changed"
+    main = int(base.get("main_ntotal", base["ntotal"]))
+    if main and added + deleted <= cfg.index.delta_max_fraction * main:
+        return "delta", base["factory"], f"{added} added, {deleted} deleted: within the delta budget"
+    return "merge", base["factory"], f"{added} added, {deleted} deleted: rebuilt on the trained quantizer"
+
+
+def build_generation(cfg: Config, cat: Catalog, *, retrain: bool = False) -> str:
+    """Publish a new generation for the catalog's live chunks; returns its name."""
     t0 = time.perf_counter()
     data = cfg.data_path
     meta = model_meta(cat)
     d = int(meta["dim"])
     live = cat.chunk_ids()
-    names = cat.part_names()
-    ids, xb = staging.load_live(data / "staging", names, live, d)
-    if len(ids) != len(live) or not np.array_equal(ids, live):
-        missing = np.setdiff1d(live, ids)
+    base_dir, base = _live_generation(data, meta)
+    main_ids = _read_ids(base_dir) if base is not None else None
+    added = np.setdiff1d(live, main_ids, assume_unique=True) if main_ids is not None else live
+    removed = np.setdiff1d(main_ids, live, assume_unique=True) if main_ids is not None else live[:0]
+    mode, factory, reason = choose_mode(cfg, len(live), len(added), len(removed), base, retrain)
+    log.info("build mode %s (%s), factory %s", mode, reason, factory)
+    tmp = generations.begin(data)
+    try:
+        if mode == "delta":
+            manifest = _build_delta(cfg, cat, tmp, base_dir, base, added, removed, d)
+        else:
+            manifest = _build_main(cfg, cat, tmp, live, factory, d, mode, base_dir, base)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest.update(model=meta, dim=d, metric="inner_product", build_mode=mode, build_reason=reason,
+                    configured_factory=cfg.index.factory, ondisk=cfg.index.ondisk,
+                    build_seconds=round(time.perf_counter() - t0, 3))
+    manifest["ntotal"] = int(manifest["main_ntotal"] + manifest.get("delta_ntotal", 0) - manifest.get("deleted", 0))
+    trained_for = int(manifest["trained_for"])
+    if manifest["nlist"] and manifest["ntotal"] > cfg.index.retrain_growth * max(trained_for, 1):
+        manifest["reindex_advised"] = (
+            f"{manifest['ntotal']} vectors, {manifest['ntotal'] / trained_for:.1f}x the {trained_for} the quantizer "
+            f"was trained for (index.retrain_growth {cfg.index.retrain_growth}): run `shoal reindex`"
+        )
+        log.warning("%s", manifest["reindex_advised"])
+    name = generations.commit(data, tmp, manifest)
+    generations.gc(data, cfg.index.keep_generations)
+    log.info("built generation %s (%s): %s, %d vectors in %.1fs", name, mode, factory, manifest["ntotal"],
+             manifest["build_seconds"])
+    return name
+
+
+def _read_ids(gen_dir: Optional[Path]) -> Optional[np.ndarray]:
+    if gen_dir is None or not (gen_dir / "ids.npy").is_file():
+        return None
+    return np.load(gen_dir / "ids.npy", allow_pickle=False)
+
+
+def _load_vectors(cfg: Config, cat: Catalog, ids: np.ndarray, d: int) -> np.ndarray:
+    got, xb = staging.load_live(cfg.data_path / "staging", cat.part_names(), ids, d)
+    if len(got) != len(ids) or not np.array_equal(got, ids):
+        missing = np.setdiff1d(ids, got)
         raise CorruptFileError(
             f"{len(missing)} catalog chunks have no staged vector (first ids {missing[:5].tolist()}); "
             "re-run `shoal ingest` on their files"
         )
-    factory = choose_factory(len(ids), cfg.index.factory, cfg.index.flat_threshold)
-    index = train_index(factory, train_sample(xb, factory, cfg.index.train_sample_per_list))
-    add_in_blocks(index, xb, ids)
-    tmp = generations.begin(data)
-    faiss.write_index(index, str(tmp / "shard_00.index"))
-    manifest = {
-        "model": meta,
-        "dim": d,
-        "metric": "inner_product",
-        "factory": factory,
-        "nlist": parse_nlist(factory),
-        "nprobe": cfg.index.nprobe,
-        "ntotal": int(index.ntotal),
-        "shards": [{"file": "shard_00.index", "device": "cpu", "ntotal": int(index.ntotal)}],
-        "build_seconds": round(time.perf_counter() - t0, 3),
-    }
-    name = generations.commit(data, tmp, manifest)
-    generations.gc(data, cfg.index.keep_generations)
-    compact_parts(cat, data / "staging", ids, xb)
-    log.info("built generation %s: %s, %d vectors in %.1fs", name, factory, len(ids), manifest["build_seconds"])
-    return name
+    return xb
 
 
-def compact_parts(cat: Catalog, staging_dir: Path, ids: np.ndarray, xb: np.ndarray, min_dead: float = 0.3) -> None:
-    """Rewrite the staged parts as one when deleted chunks are over ``min_dead`` of them."""
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _cpu_budget(cfg: Config) -> int:
+    return int(cfg.index.cpu_memory) or psutil.virtual_memory().total // 2
+
+
+def _build_main(cfg: Config, cat: Catalog, tmp: Path, ids: np.ndarray, factory: str, d: int, mode: Mode,
+                base_dir: Optional[Path], base: Optional[dict[str, Any]]) -> dict[str, Any]:
+    xb = _load_vectors(cfg, cat, ids, d)
+    ondisk = cfg.index.ondisk and factory.startswith("IVF")
+    if ondisk and "RFlat" in factory:
+        raise ConfigError("index.ondisk: a refine stage (,RFlat) keeps every vector in RAM; drop one of the two")
+    if mode == "merge" and base_dir is not None and base is not None:
+        trained = faiss.read_index(str(base_dir / "trained.index"))
+        trained_for = int(base["trained_for"])
+    else:
+        trained = make_index(factory, d)
+        xt = train_sample(xb, factory, cfg.index.train_sample_per_list)
+        if not trained.is_trained:
+            nlist = parse_nlist(factory)
+            if nlist and len(xt) < nlist:
+                raise ConfigError(f"index.factory: {factory!r} needs at least {nlist} training vectors, "
+                                  f"only {len(xt)} staged; use fewer lists or 'auto'")
+            on_gpu = use_gpu_clustering(trained)
+            trained.train(np.ascontiguousarray(xt))
+            if on_gpu:  # drop the reference to the temporary GPU clustering index
+                trained = faiss.deserialize_index(faiss.serialize_index(trained))
+        trained_for = len(xb)
+    faiss.write_index(trained, str(tmp / "trained.index"))
+    plan = plan_shards(len(ids), d, factory, detect_gpus(cfg.index.gpus), cpu_memory_bytes=_cpu_budget(cfg),
+                       ondisk=ondisk, gpu_reserve_fraction=cfg.index.gpu_reserve_fraction)
+    shards = []
+    for spec in plan:
+        stem = f"shard_{spec.shard:02d}"
+        xs, ids_s = xb[spec.i0:spec.i1], ids[spec.i0:spec.i1]
+        if ondisk:
+            write_ondisk_shard(trained, xs, ids_s, tmp, stem, cfg.index.ondisk_block)
+        else:
+            idx = faiss.clone_index(trained)
+            add_in_blocks(idx, xs, ids_s)
+            faiss.write_index(idx, str(tmp / f"{stem}.index"))
+        shards.append(dict(spec.as_dict(), file=f"{stem}.index", ntotal=int(spec.i1 - spec.i0), ondisk=ondisk))
+    np.save(tmp / "ids.npy", ids)
+    compact_parts(cat, cfg.data_path / "staging", ids, xb)
+    return {"factory": factory, "nlist": parse_nlist(factory), "nprobe": _nprobe(cfg, base, factory),
+            "shards": shards, "main_ntotal": int(len(ids)), "trained_for": trained_for}
+
+
+def _nprobe(cfg: Config, base: Optional[dict[str, Any]], factory: str) -> int:
+    """Keep a tuned nprobe across rebuilds of the same factory."""
+    if base is not None and base.get("factory") == factory and base.get("tuned"):
+        return int(base["nprobe"])
+    return cfg.index.nprobe
+
+
+def _build_delta(cfg: Config, cat: Catalog, tmp: Path, base_dir: Optional[Path], base: Optional[dict[str, Any]],
+                 added: np.ndarray, removed: np.ndarray, d: int) -> dict[str, Any]:
+    assert base_dir is not None and base is not None  # choose_mode only picks delta with a base
+    main_files = [s["file"] for s in base["shards"]]
+    main_files += [f.replace(".index", ".ivfdata") for f in main_files if (base_dir / f.replace(".index", ".ivfdata")).exists()]
+    for f in main_files + ["trained.index", "ids.npy"]:
+        _link_or_copy(base_dir / f, tmp / f)
+    delta = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    if len(added):
+        add_in_blocks(delta, _load_vectors(cfg, cat, added, d), added)
+    faiss.write_index(delta, str(tmp / "delta.index"))
+    np.save(tmp / "deleted.npy", np.asarray(removed, dtype=np.int64))
+    keep = ("factory", "nlist", "nprobe", "tuned", "shards", "main_ntotal", "trained_for")
+    m = {k: base[k] for k in keep if k in base}
+    m.update(delta_ntotal=int(len(added)), deleted=int(len(removed)))
+    return m
+
+
+def describe_plan(specs: list[ShardSpec]) -> list[str]:
+    return [f"shard {s.shard}: {s.i1 - s.i0} vectors on {s.device} ({s.placement}): {s.reason}" for s in specs]
+
+
+def compact_parts(cat: Catalog, staging_dir: Path, ids: np.ndarray, xb: np.ndarray, min_dead: float = 0.3,
+                  max_parts: int = 256) -> None:
+    """Rewrite the staged parts as one when deleted chunks are over ``min_dead`` of them (or too many parts)."""
     names = cat.part_names()
-    total = sum(staging.read_part(staging_dir, n)[0].shape[0] for n in names) if len(names) > 1 else len(ids)
-    if len(names) <= 1 or (total - len(ids)) <= min_dead * total and len(names) < 256:
+    if len(names) <= 1:
+        return
+    total = cat.staged_vectors()
+    if total - len(ids) <= min_dead * total and len(names) < max_parts:
         return
     new = staging.write_part(staging_dir, ids, xb) if len(ids) else None
     cat.replace_parts(names, (new, ids) if new else None)
     for n in names:
         (staging_dir / n).unlink(missing_ok=True)
+    log.info("compacted %d staged parts (%d vectors, %d live) into one", len(names), total, len(ids))

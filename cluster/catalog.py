@@ -285,6 +285,9 @@ class Catalog:
     def part_names(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT name FROM parts ORDER BY name")]
 
+    def staged_vectors(self) -> int:
+        return int(self.db.execute("SELECT coalesce(sum(n), 0) FROM parts").fetchone()[0])
+
     def replace_parts(self, old: Sequence[str], new: Optional[tuple[str, np.ndarray]]) -> None:
         """Swap compacted parts in one transaction."""
         with self.transaction() as db:

@@ -90,12 +90,28 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class GpuSpec:
+    """A GPU the shard plan may use (cluster.yaml names them; else they are detected)."""
+
+    name: str = "gpu"
+    memory: Bytes = Bytes(8 << 30)
+
+
+@dataclass(frozen=True)
 class IndexConfig:
-    factory: str = "auto"  # "auto", "Flat", "IVF{nlist},Flat", "IVF1024,PQ32", ...
+    factory: str = "auto"  # "auto", "Flat", "IVF{nlist},Flat", "IVF{nlist},PQ32,RFlat", "IVF{nlist},SQfp16"
     flat_threshold: int = 20_000  # exact search below this many vectors
     nprobe: int = 16
     train_sample_per_list: int = 64
     keep_generations: int = 3
+    ondisk: bool = False  # IVF inverted lists in .ivfdata files on the data dir (OnDiskInvertedLists)
+    ondisk_block: int = 200_000  # vectors per block index merged into the on-disk lists
+    gpus: tuple[GpuSpec, ...] = ()  # empty: the GPUs FAISS sees, with their free memory
+    gpu_reserve_fraction: float = 0.2  # of each GPU's memory kept for FAISS temp memory and queries
+    cpu_memory: Bytes = Bytes(0)  # RAM the index may take; 0: half of the machine's
+    delta_max_fraction: float = 0.2  # new + deleted vectors, as a fraction of the main index, kept as a delta
+    retrain_growth: float = 4.0  # `shoal reindex` is advised when ntotal > this x the training sample's base
+    refine_k_factor: float = 4.0  # candidates re-scored exactly per hit, for factories ending in ",RFlat"
 
 
 @dataclass(frozen=True)
@@ -153,6 +169,19 @@ def _check_values(cfg: Config) -> None:
                    "query.snippet_chars": cfg.query.snippet_chars}.items():
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v!r}")
+    for key, v in {"index.gpu_reserve_fraction": cfg.index.gpu_reserve_fraction,
+                   "index.delta_max_fraction": cfg.index.delta_max_fraction}.items():
+        if not 0 <= v < 1:
+            raise ConfigError(f"{key}: must be in [0, 1), got {v!r}")
+    if cfg.index.retrain_growth <= 1:
+        raise ConfigError(f"index.retrain_growth: must be > 1, got {cfg.index.retrain_growth!r}")
+    if cfg.index.refine_k_factor < 1:
+        raise ConfigError(f"index.refine_k_factor: must be >= 1, got {cfg.index.refine_k_factor!r}")
+    if cfg.index.ondisk_block <= 0:
+        raise ConfigError(f"index.ondisk_block: must be > 0, got {cfg.index.ondisk_block!r}")
+    for i, g in enumerate(cfg.index.gpus):
+        if g.memory <= 0:
+            raise ConfigError(f"index.gpus[{i}].memory: must be > 0, got {g.memory!r}")
     if not cfg.data_dir:
         raise ConfigError("data_dir: must be a non-empty path")
 
@@ -164,7 +193,8 @@ def _describe(tp: Any) -> str:
     if tp is Bytes:
         return "a size like 512M or 16G"
     if origin is tuple:
-        return "a list of strings"
+        item = typing.get_args(tp)[0]
+        return "a list of mappings" if dataclasses.is_dataclass(item) else "a list of strings"
     if origin is typing.Union:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if tp is type(None):
@@ -195,7 +225,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise bad
         return value
     if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        (item, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if dataclasses.is_dataclass(item):
+            return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+        if not all(isinstance(v, str) for v in value):
             raise bad
         return tuple(value)
     if dataclasses.is_dataclass(tp):

@@ -12,9 +12,9 @@ import numpy as np
 
 from cluster.catalog import Catalog
 from cluster.config import Config
-from cluster.errors import IndexMismatchError, ShoalError
+from cluster.errors import CorruptFileError, IndexMismatchError, ShoalError
 from index import generations
-from index.factory import set_nprobe
+from index.search import LoadedGeneration
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,6 @@ def validate_query(q: Any, k: Any) -> tuple[str, int]:
     return q, k
 
 
-def load_shards(gen_dir: Path, manifest: dict[str, Any]) -> faiss.Index:
-    """The generation's shards as one index answering global ids."""
-    shards = [faiss.read_index(str(gen_dir / s["file"])) for s in manifest["shards"]]
-    if len(shards) == 1:
-        return shards[0]
-    index = faiss.IndexShards(manifest["dim"], True, False)  # threaded, successive_ids=False
-    for s in shards:
-        index.add_shard(s)
-    index._keep = shards  # the Python wrappers own the shards
-    return index
-
-
 class Searcher:
     """Loads the live generation and the model once; answers many queries."""
 
@@ -78,11 +66,11 @@ class Searcher:
         self.gen_dir, self.manifest = generations.open_current(data)
         generations.verify(self.gen_dir, self.manifest)
         try:
-            self.index = load_shards(self.gen_dir, self.manifest)
+            self.index = LoadedGeneration(self.gen_dir, self.manifest)
         except RuntimeError as e:
-            raise ShoalError(f"cannot read the index in {self.gen_dir}: {str(e).splitlines()[-1]}") from e
+            raise CorruptFileError(f"cannot read the index in {self.gen_dir}: {str(e).splitlines()[-1]}") from e
         self.nprobe = int(self.manifest.get("nprobe", cfg.index.nprobe))
-        set_nprobe(self.index, self.nprobe)
+        self.index.set_nprobe(self.nprobe, cfg.index.refine_k_factor)
         if lm is None:
             from workers.embed import load_model
 
@@ -110,12 +98,12 @@ class Searcher:
     def search_vectors(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """D, I of size (nq, k) from the index (ids may include deleted chunks)."""
         if nprobe is not None:
-            set_nprobe(self.index, nprobe)
+            self.index.set_nprobe(nprobe, self.cfg.index.refine_k_factor)
         try:
             return self.index.search(np.ascontiguousarray(xq, dtype=np.float32), k)
         finally:
             if nprobe is not None:
-                set_nprobe(self.index, self.nprobe)
+                self.index.set_nprobe(self.nprobe, self.cfg.index.refine_k_factor)
 
     def hits(self, D: np.ndarray, I: np.ndarray, k: int) -> list[list[Hit]]:
         """Map ids to catalog rows; ids no longer in the catalog are dropped."""
@@ -137,7 +125,7 @@ class Searcher:
         qs = [validate_query(q, k)[0] for q in queries]
         if not qs:
             return []
-        fetch = min(max(self.index.ntotal, 1), k + 16)
+        fetch = k + 16  # ids the catalog no longer knows are dropped in hits()
         D, I = self.search_vectors(self.embed(qs), fetch, nprobe)
         return self.hits(D, I, k)
 

@@ -51,10 +51,10 @@ def make_index(factory: str, d: int) -> faiss.Index:
         if factory == "Flat":
             return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        if isinstance(index, faiss.IndexRefine):
+            index = faiss.IndexIDMap2(index)  # IndexRefine has no add_with_ids of its own
     except RuntimeError as e:
         raise ConfigError(f"index.factory: FAISS cannot build {factory!r}: {str(e).splitlines()[-1]}") from e
-    if not index.is_trained and faiss.try_extract_index_ivf(index) is None and "PQ" not in factory and "SQ" not in factory:
-        raise ConfigError(f"index.factory: {factory!r} is not supported (use Flat, IVF..., PQ..., SQ...)")
     return index
 
 
@@ -94,15 +94,23 @@ def add_in_blocks(index: faiss.Index, xb: np.ndarray, ids: np.ndarray, bs: int =
         index.add_with_ids(np.ascontiguousarray(xb[i0:i0 + bs], dtype=np.float32), ids[i0:i0 + bs])
 
 
-def set_nprobe(index: faiss.Index, nprobe: int) -> None:
-    """Set nprobe on every IVF layer found (plain, sharded, or wrapped)."""
+def set_nprobe(index: faiss.Index, nprobe: int, k_factor: float = 0) -> None:
+    """Set nprobe on every IVF layer found (plain, sharded, wrapped, on GPU), and a refine k_factor."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        inner = faiss.downcast_index(index.index)
+        if isinstance(inner, faiss.IndexRefine) and k_factor:
+            inner.k_factor = k_factor
+    if hasattr(faiss, "GpuIndexIVF") and isinstance(index, faiss.GpuIndexIVF):
+        index.nprobe = nprobe  # setNumProbes on the GPU copy
+        return
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = nprobe
         return
     if isinstance(index, (faiss.IndexShards, faiss.IndexReplicas)):
         for i in range(index.count()):
-            set_nprobe(faiss.downcast_index(index.at(i)), nprobe)
+            set_nprobe(index.at(i), nprobe, k_factor)
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
@@ -110,6 +118,8 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     index = faiss.downcast_index(index)
     if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         return np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
+    if isinstance(index, faiss.IndexPreTransform):
+        return index_ids(index.index)
     if isinstance(index, faiss.IndexShards):
         parts = [index_ids(index.at(i)) for i in range(index.count())]
         return np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64)

@@ -10,7 +10,6 @@ from cluster.catalog import Catalog
 from cluster.ingest import ingest
 from cluster.search import Searcher
 from index import generations
-from index.factory import index_ids
 
 from conftest import cranfield_docs, write_docs
 
@@ -25,7 +24,7 @@ def catalog_and_index_agree(cfg):
         cat_ids = cat.chunk_ids()
     s = Searcher(cfg, lm=LM[0])
     try:
-        idx = index_ids(s.index)
+        idx = s.index.live_ids()
     finally:
         s.close()
     assert np.array_equal(cat_ids, idx), (len(cat_ids), len(idx))

@@ -1,0 +1,75 @@
+"""The thin GPU layer: detect cards, move an index to one, train on them.
+
+Always branch on the GPU count: with faiss-gpu on a machine without a card,
+``get_num_gpus()`` is 0 and ``index_cpu_to_all_gpus`` silently returns an
+empty index. Everything else (the shard plan, fallbacks) is plain CPU logic.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import faiss
+
+from index.shards import Device
+
+log = logging.getLogger(__name__)
+_RESOURCES: dict[int, Any] = {}
+
+
+def num_gpus() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def detect_gpus(configured: Sequence[Any] = ()) -> list[Device]:
+    """GPUs for the shard plan: the configured ones (name, memory), else the cards FAISS sees."""
+    if configured:
+        return [Device(g.name, "gpu", int(g.memory), i) for i, g in enumerate(configured)]
+    n = num_gpus()
+    if n == 0:
+        return []
+    import torch
+
+    devs = []
+    for i in range(n):
+        free, _total = torch.cuda.mem_get_info(i)
+        devs.append(Device(torch.cuda.get_device_name(i), "gpu", int(free), i))
+    return devs
+
+
+def resources(gpu_id: int) -> Any:
+    """One StandardGpuResources per device for the process (temp memory is per resource)."""
+    if gpu_id not in _RESOURCES:
+        _RESOURCES[gpu_id] = faiss.StandardGpuResources()
+    return _RESOURCES[gpu_id]
+
+
+def to_gpu(index: faiss.Index, gpu_id: int) -> faiss.Index:
+    """Copy a CPU index to GPU ``gpu_id`` (lists included); the caller checked num_gpus()."""
+    co = faiss.GpuClonerOptions()
+    co.useFloat16 = False  # storage precision comes from the factory (SQfp16), not from here
+    return faiss.index_cpu_to_gpu(resources(gpu_id), gpu_id, index, co)
+
+
+def to_gpus_sharded(index: faiss.Index, gpu_ids: Sequence[int]) -> faiss.Index:
+    """FAISS's own even split over several GPUs (used when the plan's weights are equal)."""
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = True
+    co.useFloat16 = False
+    vres = faiss.GpuResourcesVector()
+    vdev = faiss.Int32Vector()
+    for g in gpu_ids:
+        vres.push_back(resources(g))
+        vdev.push_back(g)
+    return faiss.index_cpu_to_gpu_multiple(vres, vdev, index, co)
+
+
+def use_gpu_clustering(index: faiss.Index) -> bool:
+    """Train the IVF coarse quantizer on the GPUs when there are any; returns whether it did."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or num_gpus() == 0:
+        return False
+    ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+    log.info("training the coarse quantizer on %d GPU(s)", num_gpus())
+    return True

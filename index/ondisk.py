@@ -1,0 +1,47 @@
+"""Inverted lists on NVMe: add in blocks to RAM indexes, merge into one .ivfdata per shard.
+
+FAISS's maintainers advise against adding to on-disk lists in place: build in
+RAM, then ``merge_ondisk``. The merged index stores the absolute path of its
+.ivfdata, so it is opened with IO_FLAG_ONDISK_SAME_DIR (the generation folder is
+renamed after the build); serving adds IO_FLAG_READ_ONLY. IO_FLAG_MMAP on a
+merged on-disk index segfaults at search in faiss 1.15.1: never use it here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+from faiss.contrib.ondisk import merge_ondisk
+
+from index.factory import add_in_blocks
+
+READ_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+
+
+def write_ondisk_shard(trained: faiss.Index, xb: np.ndarray, ids: np.ndarray, out_dir: Path,
+                       stem: str, block: int = 200_000) -> list[str]:
+    """Write ``stem``.index + ``stem``.ivfdata holding (xb, ids); returns the file names."""
+    blocks = []
+    try:
+        for b, i0 in enumerate(range(0, len(xb), block)):
+            idx = faiss.clone_index(trained)
+            add_in_blocks(idx, xb[i0:i0 + block], ids[i0:i0 + block])
+            fn = out_dir / f"{stem}.block{b:04d}.tmp"
+            faiss.write_index(idx, str(fn))
+            blocks.append(str(fn))
+            del idx
+        merged = faiss.clone_index(trained)
+        merge_ondisk(merged, blocks, str(out_dir / f"{stem}.ivfdata"))
+        faiss.write_index(merged, str(out_dir / f"{stem}.index"))
+        del merged  # unmaps the .ivfdata
+    finally:
+        for fn in blocks:
+            Path(fn).unlink(missing_ok=True)
+    return [f"{stem}.index", f"{stem}.ivfdata"]
+
+
+def read_ondisk(path: Path) -> faiss.Index:
+    """Open a merged on-disk index the way production serves it."""
+    return faiss.read_index(str(path), READ_FLAGS)

@@ -1,0 +1,100 @@
+"""Searching a generation: main shards + a small delta index, minus deleted ids."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+
+def search_merged(main: faiss.Index, delta: faiss.Index | None, deleted: np.ndarray, xq: np.ndarray,
+                  k: int) -> tuple[np.ndarray, np.ndarray]:
+    """D, I of size (nq, k), inner product (larger is better), deleted ids never returned.
+
+    ``main`` and ``delta`` are searched for k + len(deleted) candidates (capped)
+    so that masking deleted ids still leaves k hits; results are merged with
+    FAISS's ResultHeap. Missing hits are (-inf, -1).
+    """
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    nq = len(xq)
+    fetch = k + min(len(deleted), 1024)
+    heap = faiss.ResultHeap(nq, k, keep_max=True)
+    for index in (main, delta):
+        if index is None or index.ntotal == 0:
+            continue
+        D, I = index.search(xq, min(fetch, index.ntotal))
+        if len(deleted):
+            dead = np.isin(I, deleted)
+            I = np.where(dead, -1, I)
+            D = np.where(dead, -np.inf, D).astype(np.float32)
+        heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
+    heap.finalize()
+    D, I = heap.D, heap.I
+    I[~np.isfinite(D)] = -1
+    return D, I
+
+
+class LoadedGeneration:
+    """A generation opened for search: main shards (IndexShards), delta, deleted ids.
+
+    Each shard goes where the plan put it: to its GPU when the plan says "gpu"
+    and FAISS sees that card, else it stays on the CPU (on-disk lists are
+    always searched by CPU threads). Where each one ended up is in ``devices``.
+    """
+
+    def __init__(self, gen_dir, manifest, *, use_gpu: bool = True) -> None:
+        import logging
+
+        from index.gpu import num_gpus, to_gpu
+        from index.ondisk import read_ondisk
+
+        log = logging.getLogger(__name__)
+        self.manifest = manifest
+        self.devices: list[str] = []
+        shards = []
+        n_gpu = num_gpus() if use_gpu else 0
+        for s in manifest["shards"]:
+            path = gen_dir / s["file"]
+            idx = read_ondisk(path) if s.get("ondisk") else faiss.read_index(str(path))
+            gid = s.get("gpu_id")
+            if s.get("placement") == "gpu" and gid is not None and gid < n_gpu:
+                idx = to_gpu(idx, gid)
+                self.devices.append(f"gpu:{gid}")
+            else:
+                if s.get("placement") == "gpu":
+                    log.warning("shard %s was planned for GPU %s but FAISS sees %d GPU(s): searching it on the CPU",
+                                s["file"], gid, n_gpu)
+                self.devices.append("cpu-ondisk" if s.get("ondisk") else "cpu")
+            shards.append(idx)
+        if len(shards) == 1:
+            self.main = shards[0]
+        else:
+            self.main = faiss.IndexShards(manifest["dim"], True, False)  # threaded; global ids kept as stored
+            for idx in shards:
+                self.main.add_shard(idx)
+        self._shards = shards  # keep the Python owners alive
+        self.delta = faiss.read_index(str(gen_dir / "delta.index")) if (gen_dir / "delta.index").exists() else None
+        self.deleted = (np.load(gen_dir / "deleted.npy", allow_pickle=False)
+                        if (gen_dir / "deleted.npy").exists() else np.empty(0, np.int64))
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.main.ntotal + (self.delta.ntotal if self.delta is not None else 0) - len(self.deleted))
+
+    def set_nprobe(self, nprobe: int, k_factor: float = 0) -> None:
+        from index.factory import set_nprobe
+
+        for s in self._shards:
+            set_nprobe(s, nprobe, k_factor)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """D, I of size (nq, k)."""
+        return search_merged(self.main, self.delta, self.deleted, xq, k)
+
+    def live_ids(self) -> np.ndarray:
+        """Every id a search can return, sorted (for consistency checks)."""
+        from index.factory import index_ids
+
+        ids = index_ids(self.main)
+        if self.delta is not None:
+            ids = np.concatenate([ids, index_ids(self.delta)])
+        return np.sort(np.setdiff1d(ids, self.deleted))
