@@ -74,13 +74,19 @@ def choose_mode(cfg: Config, n_live: int, added: int, deleted: int, base: Option
     wanted = choose_factory(n_live, cfg.index.factory, cfg.index.flat_threshold)
     if retrain or base is None:
         return "full", wanted, "reindex requested" if retrain else "no live generation for this model"
-    same_config = base.get("configured_factory") == cfg.index.factory and base.get("ondisk") == cfg.index.ondisk
-    if base["factory"] == "Flat" or not same_config:
-        return "full", wanted, "exact index rebuilt" if base["factory"] == "Flat" else "index settings changed"
+    if base["factory"] == "Flat" or base.get("configured_factory") != cfg.index.factory:
+        return "full", wanted, "exact index rebuilt" if base["factory"] == "Flat" else "index.factory changed"
+    if base.get("ondisk") != cfg.index.ondisk or base.get("plan_devices") != plan_signature(cfg):
+        return "merge", base["factory"], "shard placement changed: re-sharded on the trained quantizer"
     main = int(base.get("main_ntotal", base["ntotal"]))
     if main and added + deleted <= cfg.index.delta_max_fraction * main:
         return "delta", base["factory"], f"{added} added, {deleted} deleted: within the delta budget"
     return "merge", base["factory"], f"{added} added, {deleted} deleted: rebuilt on the trained quantizer"
+
+
+def plan_signature(cfg: Config) -> list[str]:
+    """The devices a plan was made for, to notice when they change."""
+    return [f"{g.name}:{g.memory}" for g in cfg.index.gpus] or ["detected"]
 
 
 def build_generation(cfg: Config, cat: Catalog, *, retrain: bool = False) -> str:
@@ -106,7 +112,7 @@ def build_generation(cfg: Config, cat: Catalog, *, retrain: bool = False) -> str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     manifest.update(model=meta, dim=d, metric="inner_product", build_mode=mode, build_reason=reason,
-                    configured_factory=cfg.index.factory, ondisk=cfg.index.ondisk,
+                    configured_factory=cfg.index.factory, ondisk=cfg.index.ondisk, plan_devices=plan_signature(cfg),
                     build_seconds=round(time.perf_counter() - t0, 3))
     manifest["ntotal"] = int(manifest["main_ntotal"] + manifest.get("delta_ntotal", 0) - manifest.get("deleted", 0))
     trained_for = int(manifest["trained_for"])

@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skipped", action="store_true", help="list every skipped file with its reason")
     _common(p)
 
+    p = sub.add_parser("reindex", help="retrain the quantizer on all vectors and rebuild every shard")
+    _common(p)
+
+    p = sub.add_parser("tune", help="measure recall against exact search; store the smallest nprobe that reaches it")
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("-k", type=_positive_k, default=10)
+    p.add_argument("--queries", type=int, default=500, help="sampled index vectors used as queries")
+    _common(p)
+
     p = sub.add_parser("gc", help="delete old generations, keeping the newest N")
     p.add_argument("--keep", type=int, default=None, help="generations to keep (default index.keep_generations)")
     _common(p)
@@ -111,15 +120,40 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def cmd_build(args: argparse.Namespace, retrain: bool = False) -> int:
     from cluster.build import build_generation
     from cluster.catalog import Catalog
     from cluster.ingest import data_dir_lock
+    from index import generations
 
     cfg = _config(args)
     with data_dir_lock(cfg.data_path), Catalog(cfg.data_path / "catalog.sqlite") as cat:
-        name = build_generation(cfg, cat)
-    print(f"built generation {name}")
+        name = build_generation(cfg, cat, retrain=retrain)
+    _, m = generations.open_current(cfg.data_path)
+    print(f"built generation {name} ({m['build_mode']}: {m['build_reason']}): {m['factory']}, "
+          f"{m['ntotal']} vectors, {len(m['shards'])} shard(s) in {m['build_seconds']:.1f}s")
+    for s in m["shards"]:
+        print(f"  {s['file']}: {s['ntotal']} vectors, {s['placement']} on {s['device']}: {s['reason']}")
+    if m.get("reindex_advised"):
+        print(f"note: {m['reindex_advised']}")
+    return 0
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    return cmd_build(args, retrain=True)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cluster.ingest import data_dir_lock
+    from cluster.tune import tune
+
+    cfg = _config(args)
+    with data_dir_lock(cfg.data_path):
+        best, points = tune(cfg, args.target_recall, args.k, args.queries)
+    print(f"{'nprobe':>7} {'recall@' + str(args.k):>10} {'ms/query':>9}")
+    for p in points:
+        print(f"{p.nprobe:>7} {p.recall:>10.4f} {p.ms_per_query:>9.3f}")
+    print(f"nprobe {best} written to the live manifest")
     return 0
 
 
@@ -197,7 +231,9 @@ def status_dict(cfg: Config) -> dict[str, Any]:
     if name is not None:
         gen_dir, m = generations.open_current(data)
         st["generation"] = name
-        st["index"] = {k: m.get(k) for k in ("factory", "ntotal", "nprobe", "nlist", "dim", "metric", "created_at")}
+        st["index"] = {k: m.get(k) for k in ("factory", "ntotal", "nprobe", "nlist", "dim", "metric", "created_at",
+                                             "build_mode", "delta_ntotal", "deleted", "ondisk", "reindex_advised",
+                                             "trained_for")}
         st["index"]["shards"] = m.get("shards")
         st["index"]["bytes"] = sum(f["bytes"] for f in m["files"].values())
         st["model"] = m["model"]
@@ -233,7 +269,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"index:       {ix['factory']}, {ix['ntotal']} vectors, dim {ix['dim']}, nprobe {ix['nprobe']}, "
               f"{ix['bytes'] / 1e6:.1f} MB")
         for i, s in enumerate(ix["shards"]):
-            print(f"  shard {i}:   {s['ntotal']} vectors on {s['device']}")
+            print(f"  shard {i}:   {s['ntotal']} vectors, {s.get('placement', 'cpu')} on {s['device']}: "
+                  f"{s.get('reason', '')}")
+        if ix.get("delta_ntotal") or ix.get("deleted"):
+            print(f"  delta:     {ix.get('delta_ntotal', 0)} added, {ix.get('deleted', 0)} deleted since the last merge")
+        if ix.get("reindex_advised"):
+            print(f"  advice:    {ix['reindex_advised']}")
         print(f"model:       {st['model']['name']} ({st['model']['fingerprint']})")
     d = st["device"]
     print(f"device:      embedding on {d['embedding']}; FAISS GPUs: {d['faiss_gpus']}")
@@ -267,7 +308,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "build": cmd_build, "query": cmd_query, "search": cmd_search,
-            "status": cmd_status, "gc": cmd_gc}
+            "status": cmd_status, "gc": cmd_gc, "reindex": cmd_reindex, "tune": cmd_tune}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,92 @@
+"""`shoal tune`: the smallest nprobe that reaches a target recall@k on the user's own vectors."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import faiss
+import numpy as np
+
+from cluster.catalog import Catalog
+from cluster.config import Config
+from cluster.errors import ShoalError
+from index import generations, staging
+from index.search import LoadedGeneration
+
+
+@dataclass(frozen=True)
+class TunePoint:
+    nprobe: int
+    recall: float
+    ms_per_query: float
+
+
+def recall_at_k(I: np.ndarray, Igt: np.ndarray, k: int) -> float:
+    """Mean |I[i, :k] ∩ Igt[i, :k]| / k over the queries."""
+    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(I, Igt)]))
+
+
+def nprobe_candidates(nlist: int) -> list[int]:
+    out, p = [], 1
+    while p < nlist:
+        out.append(p)
+        p *= 2
+    return out + [nlist]
+
+
+def sweep(gen: LoadedGeneration, xq: np.ndarray, Igt: np.ndarray, k: int, nlist: int,
+          target: float) -> list[TunePoint]:
+    """Recall@k for growing nprobe until ``target`` is reached (or nlist)."""
+    points = []
+    for nprobe in nprobe_candidates(nlist):
+        gen.set_nprobe(nprobe)
+        t0 = time.perf_counter()
+        _, I = gen.search(xq, k)
+        ms = (time.perf_counter() - t0) * 1000 / len(xq)
+        points.append(TunePoint(nprobe, recall_at_k(I, Igt, k), ms))
+        if points[-1].recall >= target:
+            break
+    return points
+
+
+def tune(cfg: Config, target: float = 0.95, k: int = 10, nq: int = 500, seed: int = 0) -> tuple[int, list[TunePoint]]:
+    """Measure, then write the chosen nprobe into the live manifest. Returns (nprobe, sweep)."""
+    if not 0 < target <= 1:
+        raise ShoalError(f"--target-recall must be in (0, 1], got {target}")
+    data = cfg.data_path
+    gen_dir, m = generations.open_current(data)
+    if not m.get("nlist"):
+        raise ShoalError(f"generation {m['generation']} is an exact {m['factory']} index: nothing to tune")
+    gen = LoadedGeneration(gen_dir, m)
+    with Catalog(data / "catalog.sqlite", readonly=True) as cat:
+        live = cat.chunk_ids()
+        ids, xb = staging.load_live(data / "staging", cat.part_names(), live, int(m["dim"]))
+    if len(ids) == 0:
+        raise ShoalError("no vectors to tune on")
+    rs = np.random.default_rng(seed)
+    xq = xb[rs.choice(len(xb), min(nq, len(xb)), replace=False)]
+    exact = faiss.IndexFlatIP(xb.shape[1])
+    exact.add(xb)
+    _, Igt = exact.search(xq, k)
+    Igt = np.where(Igt >= 0, ids[np.maximum(Igt, 0)], -1)
+    points = sweep(gen, xq, Igt, k, int(m["nlist"]), target)
+    best = next((p.nprobe for p in points if p.recall >= target), points[-1].nprobe)
+    m = dict(m, nprobe=best, tuned={"target_recall": target, "k": k, "nq": len(xq), "at": time.time(),
+                                    "sweep": [p.__dict__ for p in points]})
+    write_manifest(gen_dir, m)
+    return best, points
+
+
+def write_manifest(gen_dir: Path, m: dict) -> None:
+    """Replace a generation's manifest atomically (its checksums cover the other files)."""
+    tmp = gen_dir / f".manifest.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(m, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, gen_dir / generations.MANIFEST)
