@@ -319,6 +319,18 @@ class Catalog:
                 out[r[0]] = ChunkHit(*r)
         return out
 
+    def ids_matching(self, path_prefix: Optional[str] = None, kinds: Optional[Sequence[str]] = None) -> np.ndarray:
+        """Sorted ids of the chunks whose file path starts with ``path_prefix`` and kind is in ``kinds``."""
+        sql, args = "SELECT c.id FROM chunks c JOIN files f ON f.id = c.file_id WHERE 1=1", []
+        if path_prefix:
+            sql += " AND substr(f.path, 1, ?) = ?"
+            args += [len(path_prefix), path_prefix]
+        if kinds:
+            sql += f" AND f.kind IN ({','.join('?' * len(kinds))})"
+            args += list(kinds)
+        rows = self.db.execute(sql + " ORDER BY c.id", args).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
     def counts(self) -> dict[str, int]:
         one = lambda sql: int(self.db.execute(sql).fetchone()[0])  # noqa: E731
         return {

@@ -57,7 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-k", type=_positive_k, default=None, help="number of hits (default from config)")
         p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default from the index)")
         p.add_argument("--full", action="store_true", help="show each hit's whole chunk, not a snippet")
+        p.add_argument("--url", help="query a running `shoal serve` (e.g. http://127.0.0.1:8000) instead of the local index")
+        p.add_argument("--rerank", action="store_true", help="re-rank the hits (with --url)")
         _common(p)
+
+    p = sub.add_parser("serve", help="serve the index over HTTP (Ray Serve) until Ctrl-C")
+    p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default serve.port, 8000)")
+    p.add_argument("--address", help="Ray cluster to join (also $RAY_ADDRESS); default: a local Ray")
+    p.add_argument("--detach", action="store_true", help="deploy and return, leaving the app on the cluster joined")
+    _common(p)
 
     p = sub.add_parser("status", help="index generation, counts, skipped files, model, device")
     p.add_argument("--json", action="store_true")
@@ -157,12 +166,66 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_query(args: argparse.Namespace) -> int:
+class RemoteSearcher:
+    """The Searcher interface over HTTP, for `--url`."""
+
+    def __init__(self, url: str, full: bool, rerank: bool) -> None:
+        import httpx
+
+        headers = {"authorization": f"Bearer {os.environ['SHOAL_TOKEN']}"} if os.environ.get("SHOAL_TOKEN") else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=60, headers=headers)
+        self.full, self.rerank = full, rerank
+        try:
+            st = self.client.get("/healthz").json()
+        except httpx.HTTPError as e:
+            raise ShoalError(f"cannot reach {url}: {e}") from e
+        self.generation = st.get("generation")
+        self.manifest = {"ntotal": "?"}
+
+    def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None) -> list[list[Any]]:
+        from cluster.search import Hit
+
+        out = []
+        for q in queries:
+            body: dict[str, Any] = {"q": q, "k": k, "full": self.full, "rerank": self.rerank}
+            if nprobe is not None:
+                body["nprobe"] = nprobe
+            r = self.client.post("/search", json=body)
+            if r.status_code != 200:
+                detail = r.json().get("detail") if r.headers.get("content-type", "").startswith("application/json") else r.text
+                raise ShoalError(f"server answered {r.status_code}: {detail}")
+            out.append([Hit(h["rank"], h["score"], h["id"], h["path"], h["kind"], h["start"], h["end"], h["text"])
+                        for h in r.json()["hits"]])
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _searcher(args: argparse.Namespace, cfg: Config) -> Any:
+    if getattr(args, "url", None):
+        return RemoteSearcher(args.url, args.full, args.rerank)
     from cluster.search import Searcher
 
+    return Searcher(cfg)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from cluster.app import run_serve
+
+    cfg = _config(args)
+    if args.host or args.port:
+        cfg = replace(cfg, serve=replace(cfg.serve, host=args.host or cfg.serve.host, port=args.port or cfg.serve.port))
+    run_serve(cfg, detach=args.detach, out=lambda s: print(s, flush=True))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
     cfg = _config(args)
     k = args.k or cfg.query.k
-    s = Searcher(cfg)
+    s = _searcher(args, cfg)
     t0 = time.perf_counter()
     [hits] = s.search([args.text], k=k, nprobe=args.nprobe)
     ms = (time.perf_counter() - t0) * 1000
@@ -177,13 +240,11 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from cluster.search import Searcher
-
     cfg = _config(args)
     k = args.k or cfg.query.k
-    s = Searcher(cfg)
+    s = _searcher(args, cfg)
     interactive = sys.stdin.isatty()
-    print(f"shoal: {s.manifest['ntotal']} chunks, generation {s.generation}. "
+    print(f"shoal: {s.manifest['ntotal']} chunks, generation {s.generation}{' at ' + args.url if args.url else ''}. "
           "Type a query; `exit`, `quit` or Ctrl-D to leave.", flush=True)
     while True:
         try:
@@ -308,7 +369,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "build": cmd_build, "query": cmd_query, "search": cmd_search,
-            "status": cmd_status, "gc": cmd_gc, "reindex": cmd_reindex, "tune": cmd_tune}
+            "status": cmd_status, "gc": cmd_gc, "reindex": cmd_reindex, "tune": cmd_tune,
+            "serve": cmd_serve}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

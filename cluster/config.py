@@ -121,6 +121,27 @@ class QueryConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback unless you mean it
+    port: int = 8000
+    token: Optional[str] = None  # bearer token; also $SHOAL_TOKEN
+    shard_groups: int = 0  # ShardSearcher deployments; 0: one per GPU of the plan, 1 on CPU
+    searcher_replicas: int = 1
+    encoder_replicas: int = 1
+    num_cpus_ingress: float = 0.1  # Ray asks 1 CPU per replica by default: 3 deployments never fit 2 cores
+    num_cpus_encoder: float = 0.5
+    num_cpus_searcher: float = 0.2
+    num_cpus_reranker: float = 0.1
+    max_batch_size: int = 32  # QueryEncoder @serve.batch, changeable without a redeploy
+    batch_wait_timeout_s: float = 0.005
+    max_batch_queries: int = 64  # queries in one POST /search/batch
+    max_body_bytes: Bytes = Bytes(1 << 20)
+    reload_interval_s: float = 2.0  # how often replicas look for a new generation
+    rerank_model: Optional[str] = None  # a cross-encoder directory; None: the bi-encoder scores the chunks
+    rerank_candidates: int = 50
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: str = "./.shoal"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -130,6 +151,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         _check_values(self)
@@ -179,6 +201,21 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"index.refine_k_factor: must be >= 1, got {cfg.index.refine_k_factor!r}")
     if cfg.index.ondisk_block <= 0:
         raise ConfigError(f"index.ondisk_block: must be > 0, got {cfg.index.ondisk_block!r}")
+    sv = cfg.serve
+    for key, v in {"serve.port": sv.port, "serve.searcher_replicas": sv.searcher_replicas,
+                   "serve.encoder_replicas": sv.encoder_replicas, "serve.max_batch_size": sv.max_batch_size,
+                   "serve.max_batch_queries": sv.max_batch_queries, "serve.max_body_bytes": sv.max_body_bytes,
+                   "serve.rerank_candidates": sv.rerank_candidates}.items():
+        if v <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {v!r}")
+    if sv.port > 65535:
+        raise ConfigError(f"serve.port: must be <= 65535, got {sv.port!r}")
+    for key, v in {"serve.shard_groups": sv.shard_groups, "serve.batch_wait_timeout_s": sv.batch_wait_timeout_s,
+                   "serve.num_cpus_ingress": sv.num_cpus_ingress, "serve.num_cpus_encoder": sv.num_cpus_encoder,
+                   "serve.num_cpus_searcher": sv.num_cpus_searcher, "serve.num_cpus_reranker": sv.num_cpus_reranker,
+                   "serve.reload_interval_s": sv.reload_interval_s}.items():
+        if v < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {v!r}")
     for i, g in enumerate(cfg.index.gpus):
         if g.memory <= 0:
             raise ConfigError(f"index.gpus[{i}].memory: must be > 0, got {g.memory!r}")

@@ -7,23 +7,31 @@ import numpy as np
 
 
 def search_merged(main: faiss.Index, delta: faiss.Index | None, deleted: np.ndarray, xq: np.ndarray,
-                  k: int) -> tuple[np.ndarray, np.ndarray]:
+                  k: int, allowed: np.ndarray | None = None,
+                  params: faiss.SearchParameters | None = None) -> tuple[np.ndarray, np.ndarray]:
     """D, I of size (nq, k), inner product (larger is better), deleted ids never returned.
 
     ``main`` and ``delta`` are searched for k + len(deleted) candidates (capped)
     so that masking deleted ids still leaves k hits; results are merged with
-    FAISS's ResultHeap. Missing hits are (-inf, -1).
+    FAISS's ResultHeap. Missing hits are (-inf, -1). ``allowed`` (sorted ids)
+    restricts the hits: inside FAISS through ``params`` (an IDSelector) where
+    the caller could build one, and by over-fetching and filtering otherwise,
+    so a non-matching id is never returned on any path.
     """
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     nq = len(xq)
     fetch = k + min(len(deleted), 1024)
+    if allowed is not None and params is None:
+        fetch = max(fetch, 8 * k)  # selector-less path (IndexShards, GPU): over-fetch, then filter
     heap = faiss.ResultHeap(nq, k, keep_max=True)
     for index in (main, delta):
         if index is None or index.ntotal == 0:
             continue
-        D, I = index.search(xq, min(fetch, index.ntotal))
-        if len(deleted):
-            dead = np.isin(I, deleted)
+        D, I = index.search(xq, min(fetch, index.ntotal), params=params if index is main else None)
+        dead = np.isin(I, deleted) if len(deleted) else np.zeros(I.shape, bool)
+        if allowed is not None:
+            dead |= ~np.isin(I, allowed)
+        if dead.any():
             I = np.where(dead, -1, I)
             D = np.where(dead, -np.inf, D).astype(np.float32)
         heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
@@ -41,7 +49,7 @@ class LoadedGeneration:
     always searched by CPU threads). Where each one ended up is in ``devices``.
     """
 
-    def __init__(self, gen_dir, manifest, *, use_gpu: bool = True) -> None:
+    def __init__(self, gen_dir, manifest, *, use_gpu: bool = True, group: int = 0, n_groups: int = 1) -> None:
         import logging
 
         from index.gpu import num_gpus, to_gpu
@@ -52,11 +60,13 @@ class LoadedGeneration:
         self.devices: list[str] = []
         shards = []
         n_gpu = num_gpus() if use_gpu else 0
-        for s in manifest["shards"]:
+        mine = [s for i, s in enumerate(manifest["shards"]) if i % n_groups == group]
+        for s in mine:
             path = gen_dir / s["file"]
             idx = read_ondisk(path) if s.get("ondisk") else faiss.read_index(str(path))
             gid = s.get("gpu_id")
-            if s.get("placement") == "gpu" and gid is not None and gid < n_gpu:
+            if s.get("placement") == "gpu" and gid is not None and n_gpu > 0:
+                gid = gid if gid < n_gpu else gid % n_gpu  # inside a Ray actor the one GPU it got is device 0
                 idx = to_gpu(idx, gid)
                 self.devices.append(f"gpu:{gid}")
             else:
@@ -65,14 +75,18 @@ class LoadedGeneration:
                                 s["file"], gid, n_gpu)
                 self.devices.append("cpu-ondisk" if s.get("ondisk") else "cpu")
             shards.append(idx)
-        if len(shards) == 1:
+        self.shard_files = [s["file"] for s in mine]
+        if not shards:
+            self.main = faiss.IndexIDMap2(faiss.IndexFlatIP(manifest["dim"]))  # a group with nothing to hold
+        elif len(shards) == 1:
             self.main = shards[0]
         else:
             self.main = faiss.IndexShards(manifest["dim"], True, False)  # threaded; global ids kept as stored
             for idx in shards:
                 self.main.add_shard(idx)
         self._shards = shards  # keep the Python owners alive
-        self.delta = faiss.read_index(str(gen_dir / "delta.index")) if (gen_dir / "delta.index").exists() else None
+        has_delta = group == 0 and (gen_dir / "delta.index").exists()
+        self.delta = faiss.read_index(str(gen_dir / "delta.index")) if has_delta else None
         self.deleted = (np.load(gen_dir / "deleted.npy", allow_pickle=False)
                         if (gen_dir / "deleted.npy").exists() else np.empty(0, np.int64))
 
@@ -86,9 +100,23 @@ class LoadedGeneration:
         for s in self._shards:
             set_nprobe(s, nprobe, k_factor)
 
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """D, I of size (nq, k)."""
-        return search_merged(self.main, self.delta, self.deleted, xq, k)
+    def selector_params(self, allowed: np.ndarray) -> faiss.SearchParameters | None:
+        """An IDSelector for a single CPU shard; None where FAISS would ignore it (shards, GPU)."""
+        if len(self._shards) != 1 or not self.devices[0].startswith("cpu") or self.delta is not None:
+            return None
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        ivf = faiss.try_extract_index_ivf(self.main)
+        if ivf is not None:
+            p = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
+        else:
+            p = faiss.SearchParameters(sel=sel)
+        p._sel = sel  # keep the selector alive as long as the params
+        return p
+
+    def search(self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """D, I of size (nq, k); ``allowed`` (sorted ids) filters the hits."""
+        params = self.selector_params(allowed) if allowed is not None else None
+        return search_merged(self.main, self.delta, self.deleted, xq, k, allowed, params)
 
     def live_ids(self) -> np.ndarray:
         """Every id a search can return, sorted (for consistency checks)."""
