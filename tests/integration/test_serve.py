@@ -1,0 +1,232 @@
+"""The Ray Serve app over real HTTP on 127.0.0.1: answers, bad input, faults, hot swap, token."""
+
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+
+import httpx
+import numpy as np
+import pytest
+
+from cluster.app import AppArgs, build_app, config_to_dict
+from cluster.ingest import ingest
+from cluster.search import Searcher
+
+from conftest import cranfield_docs, write_docs
+
+PORT = 18431
+QUIET = {"log_level": "WARNING", "enable_access_log": False}
+URL = f"http://127.0.0.1:{PORT}"
+
+
+def wait_healthy(client, timeout_s=120):
+    deadline = time.time() + timeout_s
+    last = None
+    while time.time() < deadline:
+        try:
+            last = client.get("/healthz")
+            if last.status_code == 200:
+                return last.json()
+        except httpx.HTTPError as e:
+            last = e
+        time.sleep(0.5)
+    raise AssertionError(f"service not healthy after {timeout_s}s: {last}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, ray_local):
+    from ray import serve
+
+    from cluster.config import load_config
+    from conftest import ROOT
+
+    tmp = tmp_path_factory.mktemp("serve")
+    docs = cranfield_docs(60)
+    paths = write_docs(docs[:40], tmp / "docs")
+    (tmp / "docs" / "notes.md").write_text("# Rotor notes\n\nhelicopter rotor blade flapping in forward flight .")
+    cfg = load_config(ROOT / "configs" / "test.yaml", data_dir=str(tmp / "data"))
+    cfg = replace(cfg, serve=replace(cfg.serve, port=PORT, shard_groups=2, reload_interval_s=0.5,
+                                     num_cpus_encoder=0.3, num_cpus_searcher=0.1, num_cpus_ingress=0.1,
+                                     num_cpus_reranker=0.1, max_batch_queries=8, max_body_bytes=4096))
+    ingest([str(tmp / "docs")], cfg, out=lambda s: None)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(AppArgs(cfg=config_to_dict(cfg))), name="shoal", route_prefix="/", logging_config=QUIET)
+    client = httpx.Client(base_url=URL, timeout=60)
+    wait_healthy(client)
+    yield cfg, client, paths, docs, tmp
+    client.close()
+    serve.delete("shoal")
+    serve.shutdown()
+
+
+QUERIES = ["wing in a propeller slipstream", "heat transfer in laminar boundary layers",
+           "buckling of thin cylindrical shells", "helicopter rotor blade"]
+
+
+def test_results_equal_in_process(served, lm):
+    cfg, client, paths, _, _ = served
+    s = Searcher(cfg, lm=lm)
+    try:
+        for q in QUERIES:
+            r = client.get("/search", params={"q": q, "k": 5})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            [local] = s.search([q], k=5)
+            assert [h["id"] for h in body["hits"]] == [h.id for h in local]
+            assert np.allclose([h["score"] for h in body["hits"]], [h.score for h in local], atol=1e-4)
+            assert body["generation"] == s.generation
+    finally:
+        s.close()
+    r = client.post("/search", json={"q": QUERIES[0], "k": 3, "full": True})
+    h = r.json()["hits"][0]
+    assert h["path"] == str(paths["1"]) and paths["1"].read_text()[h["start"]:h["end"]] == h["text"]
+
+
+def test_batch_equals_singles(served):
+    _, client, _, _, _ = served
+    r = client.post("/search/batch", json={"queries": QUERIES, "k": 4})
+    assert r.status_code == 200, r.text
+    batch = r.json()["results"]
+    for q, res in zip(QUERIES, batch):
+        single = client.post("/search", json={"q": q, "k": 4}).json()["hits"]
+        assert [h["id"] for h in res["hits"]] == [h["id"] for h in single]
+
+
+@pytest.mark.parametrize("method,path,kw,field", [
+    ("get", "/search", {"params": {"q": ""}}, "q"),
+    ("get", "/search", {"params": {"q": "x" * 5000}}, "q"),
+    ("get", "/search", {"params": {"q": "x", "k": 0}}, "k"),
+    ("get", "/search", {"params": {"q": "x", "k": 1001}}, "k"),
+    ("get", "/search", {"params": {"q": "x", "k": "ten"}}, "k"),
+    ("get", "/search", {"params": {"q": "x", "colour": "red"}}, "colour"),
+    ("get", "/search", {"params": {}}, "q"),
+    ("post", "/search", {"json": {"q": "   "}}, "q"),
+    ("post", "/search", {"json": {"q": "x", "unknown": 1}}, "unknown"),
+    ("post", "/search", {"json": {"q": 5}}, "q"),
+    ("post", "/search", {"json": {"q": "x", "file_type": ["exe"]}}, "file_type.0"),
+    ("post", "/search", {"json": {"q": "x", "nprobe": -1}}, "nprobe"),
+    ("post", "/search", {"content": b"{not json", "headers": {"content-type": "application/json"}}, ""),
+    ("post", "/search/batch", {"json": {"queries": []}}, "queries"),
+    ("post", "/search/batch", {"json": {"queries": ["a", ""]}}, "queries"),
+    ("post", "/search/batch", {"json": {"queries": ["q"] * 9}}, "queries"),
+    ("post", "/search/batch", {"json": {"queries": "not a list"}}, "queries"),
+])
+def test_bad_requests_are_422_naming_the_field(served, method, path, kw, field):
+    _, client, _, _, _ = served
+    r = getattr(client, method)(path, **kw)
+    assert r.status_code == 422, (r.status_code, r.text)
+    detail = r.json()["detail"]
+    assert isinstance(detail, list) and detail
+    if field:
+        assert any(d["field"] == field for d in detail), detail
+
+
+def test_body_over_limit_is_413(served):
+    _, client, _, _, _ = served
+    r = client.post("/search", json={"q": "x" * 5000})
+    assert r.status_code == 413 and "bytes" in r.json()["detail"]
+
+
+def test_filters_never_return_non_matching(served):
+    _, client, paths, _, tmp = served
+    prefix = str(tmp / "docs" / "1")  # 1.txt, 10.txt ... 19.txt
+    for q in QUERIES:
+        r = client.post("/search", json={"q": q, "k": 20, "path_prefix": prefix})
+        hits = r.json()["hits"]
+        assert hits and all(h["path"].startswith(prefix) for h in hits)
+        r = client.post("/search", json={"q": q, "k": 10, "file_type": ["markdown"]})
+        hits = r.json()["hits"]
+        assert [h["path"] for h in hits] == [str(tmp / "docs" / "notes.md")]
+
+
+def test_rerank_with_bi_encoder_scorer(served):
+    _, client, _, _, _ = served
+    r = client.post("/search", json={"q": QUERIES[0], "k": 5, "rerank": True})
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    assert len(hits) == 5 and all("dense_score" in h for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_stats_and_health(served):
+    _, client, _, _, _ = served
+    st = client.get("/stats").json()
+    assert len(st["shard_groups"]) == 2 and st["generation"] == "000001"
+    assert sum(g["ntotal"] for g in st["shard_groups"]) == st["catalog"]["chunks"]
+    assert st["encoder"]["model"] == "all-MiniLM-L6-v2" and st["latency_ms"]["n"] > 0
+    assert all(g["devices"] == ["cpu"] or g["devices"] == [] for g in st["shard_groups"])
+    assert client.get("/docs").status_code == 200
+    assert "/search/batch" in client.get("/openapi.json").json()["paths"]
+
+
+def test_hot_swap_under_load(served):
+    cfg, client, paths, docs, tmp = served
+    stop = threading.Event()
+    codes: list[int] = []
+
+    def hammer():
+        with httpx.Client(base_url=URL, timeout=60) as c:
+            i = 0
+            while not stop.is_set():
+                r = c.get("/search", params={"q": QUERIES[i % len(QUERIES)], "k": 3})
+                codes.append(r.status_code)
+                i += 1
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        write_docs(docs[40:60], tmp / "docs")
+        r = ingest([str(tmp / "docs")], cfg, out=lambda s: None)
+        assert r.generation == "000002"
+        deadline = time.time() + 60
+        while time.time() < deadline and client.get("/stats").json()["generation"] != "000002":
+            time.sleep(0.3)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert client.get("/stats").json()["generation"] == "000002"
+    assert codes and all(c == 200 for c in codes), {c: codes.count(c) for c in set(codes)}
+    new_doc = docs[45]
+    r = client.get("/search", params={"q": new_doc["text"].split(" . ")[0], "k": 1})
+    assert r.json()["hits"][0]["path"].endswith(f"/{new_doc['_id']}.txt")
+
+
+def test_killed_shard_replica_gives_503_then_recovers(served):
+    _, client, _, _, _ = served
+    st = client.get("/stats").json()
+    pid = next(g["pid"] for g in st["shard_groups"] if g["group"] == 1)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    r = client.post("/search", json={"q": QUERIES[0], "k": 3})
+    if r.status_code == 503:  # the replica is gone: which shard is named
+        assert r.json()["missing_shards"] == [1]
+        p = client.post("/search", json={"q": QUERIES[0], "k": 3, "allow_partial": True})
+        if p.status_code == 200:
+            assert p.json()["partial"] is True and p.json()["missing_shards"] == [1]
+    else:  # Serve already replaced the replica
+        assert r.status_code == 200
+    wait_healthy(client, timeout_s=120)
+    r = client.post("/search", json={"q": QUERIES[0], "k": 3})
+    assert r.status_code == 200 and "partial" not in r.json()
+
+
+def test_token_required_when_configured(served):
+    from ray import serve
+
+    cfg, client, _, _, _ = served
+    tok = replace(cfg, serve=replace(cfg.serve, token="s3cret-token"))
+    serve.run(build_app(AppArgs(cfg=config_to_dict(tok))), name="shoal", route_prefix="/", logging_config=QUIET)
+    deadline = time.time() + 120
+    while time.time() < deadline and client.get("/search", params={"q": "wing"}).status_code != 401:
+        time.sleep(0.5)
+    r = client.get("/search", params={"q": "wing"})
+    assert r.status_code == 401 and "token" in r.json()["detail"]
+    assert client.get("/search", params={"q": "wing"}, headers={"authorization": "Bearer wrong"}).status_code == 401
+    r = client.get("/search", params={"q": "wing"}, headers={"authorization": "Bearer s3cret-token"})
+    assert r.status_code == 200
+    assert client.get("/healthz").status_code == 200  # probes need no token
