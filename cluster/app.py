@@ -132,18 +132,21 @@ def build_app(args: AppArgs) -> Any:
     groups, gpus_per_group = plan_groups(cfg)
     encoder = QueryEncoder.options(
         num_replicas=sv.encoder_replicas, ray_actor_options={"num_cpus": sv.num_cpus_encoder},
+        max_ongoing_requests=sv.max_ongoing_requests,
         user_config={"max_batch_size": sv.max_batch_size, "batch_wait_timeout_s": sv.batch_wait_timeout_s},
     ).bind(m.name, m.max_seq_length, "cpu", m.allow_download, 0)
     searchers = [
         ShardSearcher.options(
             name=f"ShardSearcher{g}", num_replicas=sv.searcher_replicas,
+            max_ongoing_requests=sv.max_ongoing_requests,
             ray_actor_options={"num_cpus": sv.num_cpus_searcher, "num_gpus": gpus_per_group},
-        ).bind(str(cfg.data_path), g, groups, sv.reload_interval_s, cfg.index.refine_k_factor)
+        ).bind(str(cfg.data_path), g, groups, sv.reload_interval_s, cfg.index.refine_k_factor, sv.searcher_threads)
         for g in range(groups)
     ]
     reranker = Reranker.options(ray_actor_options={"num_cpus": sv.num_cpus_reranker}).bind(
         sv.rerank_model, m.name, m.max_seq_length, m.allow_download)
-    return Ingress.options(ray_actor_options={"num_cpus": sv.num_cpus_ingress}).bind(
+    return Ingress.options(ray_actor_options={"num_cpus": sv.num_cpus_ingress},
+                           max_ongoing_requests=sv.max_ongoing_requests).bind(
         encoder, searchers, reranker, args.cfg)
 
 

@@ -137,6 +137,8 @@ class ServeConfig:
     max_batch_queries: int = 64  # queries in one POST /search/batch
     max_body_bytes: Bytes = Bytes(1 << 20)
     reload_interval_s: float = 2.0  # how often replicas look for a new generation
+    max_ongoing_requests: int = 128  # per replica; Serve's default (5) queues and backs off under load
+    searcher_threads: int = 1  # FAISS OpenMP threads per ShardSearcher replica (many small searches at once)
     rerank_model: Optional[str] = None  # a cross-encoder directory; None: the bi-encoder scores the chunks
     rerank_candidates: int = 50
 
@@ -205,7 +207,9 @@ def _check_values(cfg: Config) -> None:
     for key, v in {"serve.port": sv.port, "serve.searcher_replicas": sv.searcher_replicas,
                    "serve.encoder_replicas": sv.encoder_replicas, "serve.max_batch_size": sv.max_batch_size,
                    "serve.max_batch_queries": sv.max_batch_queries, "serve.max_body_bytes": sv.max_body_bytes,
-                   "serve.rerank_candidates": sv.rerank_candidates}.items():
+                   "serve.rerank_candidates": sv.rerank_candidates,
+                   "serve.max_ongoing_requests": sv.max_ongoing_requests,
+                   "serve.searcher_threads": sv.searcher_threads}.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v!r}")
     if sv.port > 65535:

@@ -10,6 +10,7 @@ picks up where it stopped: committed files compare unchanged.
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ class IngestReport:
     skipped: Counter = field(default_factory=Counter)
     chunks_added: int = 0
     chunks_removed: int = 0
+    bytes_read: int = 0
     batches: int = 0
     embed_seconds: float = 0.0
     seconds: float = 0.0
@@ -168,19 +170,37 @@ class EmbedPool:
 
 
 class Progress:
-    def __init__(self, out: Callable[[str], None], every_s: float = 5.0) -> None:
-        self.out, self.every_s, self.t0, self.last = out, every_s, time.perf_counter(), 0.0
+    """A bar with rate and ETA on a terminal; plain lines every few seconds elsewhere (`ray job logs`)."""
+
+    def __init__(self, out: Callable[[str], None], total_files: int = 0, every_s: float = 5.0,
+                 tty: Optional[bool] = None) -> None:
+        self.out, self.total, self.t0, self.last = out, total_files, time.perf_counter(), 0.0
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.every_s = 0.2 if self.tty else every_s
+        self.pushed: Optional[dict[str, Any]] = None
 
     def tick(self, r: IngestReport, force: bool = False) -> None:
         now = time.perf_counter()
-        if force or now - self.last >= self.every_s:
-            self.last = now
-            el = now - self.t0
-            self.out(
-                f"[ingest] {el:6.1f}s files {r.files_seen} (new {r.new}, changed {r.changed}, "
-                f"unchanged {r.unchanged}, skipped {sum(r.skipped.values())}) chunks {r.chunks_added} "
-                f"({r.chunks_added / el if el else 0:.1f}/s)"
-            )
+        if not force and now - self.last < self.every_s:
+            return
+        self.last = now
+        self.pushed = push_metrics(r, self.pushed)
+        el = now - self.t0
+        rate = r.chunks_added / el if el else 0.0
+        frac = min(1.0, r.files_seen / self.total) if self.total else 0.0
+        eta = (el / frac - el) if frac > 0 else float("nan")
+        eta_s = f"{eta:5.0f}s" if eta == eta else "    ?"
+        counts = (f"files {r.files_seen}/{self.total or '?'} (new {r.new}, changed {r.changed}, "
+                  f"unchanged {r.unchanged}, skipped {sum(r.skipped.values())}) chunks {r.chunks_added} "
+                  f"({rate:.1f}/s)")
+        if self.tty:
+            bar = "#" * int(frac * 24)
+            sys.stderr.write(f"\r[{bar:<24}] {frac:4.0%} {counts} ETA {eta_s} ")
+            sys.stderr.flush()
+            if force:
+                sys.stderr.write("\n")
+        else:
+            self.out(f"[ingest] {el:6.1f}s {frac:4.0%} {counts} ETA {eta_s}")
 
 
 def _check_model(cat: Catalog, pool: EmbedPool, cfg: Config) -> None:
@@ -227,7 +247,8 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
     if prev is not None:
         out(f"[ingest] run {prev} did not finish; resuming (committed files are kept)")
     pool = EmbedPool(cfg)
-    progress = Progress(out)
+    total = sum(count_files(r, cfg, data) for r in roots)
+    progress = Progress(out, total)
     tokenizer = None
     pending: list[FileBatch] = []
     pending_chunks = 0
@@ -276,6 +297,7 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
                     skips.append(Skipped(item.path, e.reason, e.detail))
                     report.skipped[e.reason] += 1
                     continue
+                report.bytes_read += item.size
                 if old is not None and old.sha256 == digest:
                     cat.touch_file(item.path, item.size, item.mtime_ns)
                     report.unchanged += 1
@@ -324,6 +346,40 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
         cat.finish_run(run_id, status, report.as_dict())
     progress.tick(report, force=True)
     return report
+
+
+def count_files(root: str, cfg: Config, data: Path) -> int:
+    """A quick count of the files under ``root`` for the progress bar's ETA (names only, no reads)."""
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) != str(data)
+                       and not any(fnmatch.fnmatch(d, p) for p in cfg.scan.ignore)]
+        n += sum(1 for f in filenames if not any(fnmatch.fnmatch(f, p) for p in cfg.scan.ignore))
+    return n if os.path.isdir(root) else 1
+
+
+def push_metrics(r: IngestReport, pushed: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """Add what the report counted since the last push to the Ray counters.
+
+    Ray starts lazily (on the first batch to embed), so the driver keeps its
+    counts in the report and pushes deltas whenever Ray is up: the totals stay exact.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return pushed
+    from workers.metrics import ingest_metrics
+
+    m = ingest_metrics()
+    p = pushed or {"files": 0, "bytes": 0, "skipped": Counter()}
+    if r.files_seen > p["files"]:
+        m.files_scanned.inc(r.files_seen - p["files"])
+    if r.bytes_read > p["bytes"]:
+        m.bytes_read.inc(r.bytes_read - p["bytes"])
+    for reason, n in r.skipped.items():
+        if n > p["skipped"][reason]:
+            m.files_skipped.inc(n - p["skipped"][reason], tags={"reason": reason})
+    return {"files": r.files_seen, "bytes": r.bytes_read, "skipped": Counter(r.skipped)}
 
 
 def _load_tokenizer(cfg: Config) -> Any:

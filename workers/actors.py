@@ -26,6 +26,7 @@ class EmbedActor:
         self.lm = load_model(model_name, device=device, max_seq_length=max_seq_length,
                              threads=threads, allow_download=allow_download)
         self.batch_size = batch_size
+        self.tag = f"{self.lm.device}:{','.join(str(g) for g in self.gpu_ids) or os.getpid()}"
         if self.gpu_ids and self.lm.device == "cpu":
             log.warning("Ray assigned GPU %s (CUDA_VISIBLE_DEVICES=%s) but no card answers; embedding on the CPU",
                         self.gpu_ids, self.cuda_visible)
@@ -46,4 +47,15 @@ class EmbedActor:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """texts -> (n, d) float32, L2-normalised."""
-        return encode(texts, self.lm, self.batch_size)
+        import time
+
+        from workers.metrics import ingest_metrics
+
+        t0 = time.perf_counter()
+        xb = encode(texts, self.lm, self.batch_size)
+        dt = time.perf_counter() - t0
+        m, tags = ingest_metrics(), {"actor": self.tag}
+        m.chunks_embedded.inc(len(texts), tags=tags)
+        m.batch_latency_s.observe(dt, tags=tags)
+        m.actor_chunks_per_s.set(len(texts) / dt if dt > 0 else 0.0, tags=tags)
+        return xb

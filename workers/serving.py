@@ -68,7 +68,10 @@ class ShardSearcher:
     """
 
     def __init__(self, data_dir: str, group: int, n_groups: int, reload_interval_s: float,
-                 refine_k_factor: float) -> None:
+                 refine_k_factor: float, omp_threads: int = 1) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, omp_threads))
         self.data = Path(data_dir)
         self.group, self.n_groups = group, n_groups
         self.refine_k_factor = refine_k_factor
