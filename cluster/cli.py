@@ -386,6 +386,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("shoal: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if type(e).__module__.startswith("ray."):  # the cluster went away under us
+            print(f"shoal: error: the Ray cluster failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                  "committed work is kept: rerun the same command to resume", file=sys.stderr)
+            return 1
+        raise
     except BrokenPipeError:
         return 0
 

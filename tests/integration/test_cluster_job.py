@@ -1,0 +1,252 @@
+"""A real `ray start --head` on 127.0.0.1 (2 logical GPUs, no card), `ray job submit`, resume after kills.
+
+Every process here is real: the head, the job driver, the embedding actors; kills are SIGKILL.
+"""
+
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import ROOT, cranfield_docs, write_docs
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+             TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    e.pop("RAY_ADDRESS", None)
+    e["PATH"] = f"{Path(sys.executable).parent}:{e.get('PATH', '')}"
+    return e
+
+
+class Head:
+    """`scripts/start_cluster.sh --block` in its own process group, on free loopback ports."""
+
+    def __init__(self, tmp: Path, num_gpus: int = 2) -> None:
+        self.tmp = tmp
+        self.ports = {k: free_port() for k in ("gcs", "dash", "metrics", "client", "agent")}
+        import tempfile
+
+        self.temp_dir = tempfile.mkdtemp(prefix="shoalray-", dir="/tmp")  # AF_UNIX paths stay < 108 bytes
+        e = env()
+        e.update(SHOAL_RAY_PORT=str(self.ports["gcs"]), SHOAL_DASHBOARD_PORT=str(self.ports["dash"]),
+                 SHOAL_METRICS_PORT=str(self.ports["metrics"]), SHOAL_RAY_TEMP=self.temp_dir)
+        self.log = open(tmp / "head.log", "w")
+        self.p = subprocess.Popen(
+            [str(ROOT / "scripts" / "start_cluster.sh"), "--num-cpus=2", f"--num-gpus={num_gpus}",
+             f"--ray-client-server-port={self.ports['client']}",
+             f"--dashboard-agent-listen-port={self.ports['agent']}", "--block"],
+            env=e, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.address = f"127.0.0.1:{self.ports['gcs']}"
+        self.dashboard = f"http://127.0.0.1:{self.ports['dash']}"
+        deadline = time.time() + 120
+        while time.time() < deadline and self.p.poll() is None:
+            try:
+                if httpx.get(self.dashboard + "/api/version", timeout=2).status_code in (200, 401):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError("ray head did not start: " + (tmp / "head.log").read_text()[-2000:])
+
+    def kill(self) -> None:
+        """Like `ray stop --force`: SIGKILL every process of this cluster at once."""
+        subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.p.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+        subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
+        self.log.close()
+        import shutil
+
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def shoal(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def chunk_map(data: Path) -> dict[tuple[str, int], int]:
+    """(file name, ordinal) -> chunk id, from the catalog."""
+    db = sqlite3.connect(f"file:{data / 'catalog.sqlite'}?mode=ro", uri=True)
+    rows = db.execute("SELECT f.path, c.ordinal, c.id FROM chunks c JOIN files f ON f.id = c.file_id").fetchall()
+    db.close()
+    return {(Path(p).name, o): i for p, o, i in rows}
+
+
+def parts(data: Path) -> int:
+    try:
+        db = sqlite3.connect(f"file:{data / 'catalog.sqlite'}?mode=ro", uri=True, timeout=1)
+        n = db.execute("SELECT count(*) FROM parts").fetchone()[0]
+        db.close()
+        return n
+    except sqlite3.Error:
+        return 0
+
+
+def index_ids(data: Path) -> np.ndarray:
+    from index import generations
+    from index.search import LoadedGeneration
+
+    return LoadedGeneration(*generations.open_current(data)).live_ids()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("job")
+    write_docs(cranfield_docs(80), tmp / "docs")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def reference(corpus):
+    """The uninterrupted run every resumed run must equal."""
+    data = corpus / "ref"
+    p = shoal("ingest", str(corpus / "docs"), "--config", "configs/test.yaml", "--data-dir", str(data))
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    return chunk_map(data)
+
+
+def check_same(data: Path, reference: dict) -> None:
+    got = chunk_map(data)
+    assert got == reference  # same chunks, same ids: nothing lost, nothing twice
+    ids = np.array(sorted(got.values()))
+    assert len(set(ids)) == len(ids)
+    assert np.array_equal(index_ids(data), ids)
+
+
+def test_job_submit_two_logical_gpus_and_metrics(corpus, reference, tmp_path):
+    head = Head(tmp_path)
+    try:
+        data = tmp_path / "data"
+        r = subprocess.run(
+            ["ray", "job", "submit", "--address", head.dashboard, "--working-dir", ".", "--runtime-env",
+             "configs/runtime_env.yaml", "--", "shoal", "ingest", str(corpus / "docs"),
+             "--config", "configs/test.yaml", "--data-dir", str(data)],
+            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+        log = r.stdout + r.stderr
+        assert r.returncode == 0, log[-3000:]
+        assert "succeeded" in log
+        # one actor per logical GPU, each told its device by Ray, computing on the CPU
+        visible = sorted(set(re.findall(r"CUDA_VISIBLE_DEVICES='(\d)'", log)))
+        assert visible == ["0", "1"], log[-3000:]
+        assert log.count("no card answers; embedding on the CPU") == 2
+        assert re.search(r"\[ingest\].*100%", log)  # plain progress lines in the job log
+        assert sorted(chunk_map(data).values()) == sorted(reference.values())
+        q = shoal("query", "experimental investigation of the aerodynamics of a wing in a slipstream",
+                  "-k", "1", "--data-dir", str(data))
+        out, _ = q.communicate(timeout=120)
+        assert q.returncode == 0 and f"{corpus / 'docs' / '1.txt'}" in out, out
+        # shoal's own metrics on the head's Prometheus endpoint, non-zero
+        metrics, deadline = "", time.time() + 60
+        while time.time() < deadline:
+            metrics = httpx.get(f"http://127.0.0.1:{head.ports['metrics']}/metrics", timeout=10).text
+            if "ray_shoal_files_scanned_total" in metrics and "ray_shoal_chunks_embedded_total" in metrics:
+                break
+            time.sleep(2)
+
+        def total(name: str) -> float:
+            return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", metrics, re.M))
+
+        assert total("ray_shoal_files_scanned_total") == 80
+        assert total("ray_shoal_chunks_embedded_total") == len(reference)
+        assert total("ray_shoal_embed_batch_latency_s_count") > 0
+        assert total("ray_shoal_bytes_read_total") > 0
+    finally:
+        head.stop()
+
+
+def test_resume_after_driver_sigkill(corpus, reference, tmp_path):
+    data = tmp_path / "data"
+    args = ("ingest", str(corpus / "docs"), "--config", "configs/test.yaml", "--data-dir", str(data))
+    p = shoal(*args)
+    deadline = time.time() + 300
+    while time.time() < deadline and parts(data) < 2 and p.poll() is None:
+        time.sleep(0.1)
+    assert p.poll() is None, "the run finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    n_before = len(chunk_map(data))
+    assert 0 < n_before < len(reference)
+    p = shoal(*args)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    assert "did not finish; resuming" in out
+    check_same(data, reference)
+
+
+def test_embedding_actor_killed_mid_batch(corpus, reference, tmp_path):
+    data = tmp_path / "data"
+    p = shoal("ingest", str(corpus / "docs"), "--config", "configs/test.yaml", "--data-dir", str(data), "-v")
+    pid, lines = None, []
+    deadline = time.time() + 300
+    while time.time() < deadline and pid is None:
+        line = p.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"embed actor pid (\d+)", line)
+        if m:
+            pid = int(m.group(1))
+    assert pid, "".join(lines)[-2000:]
+    while time.time() < deadline and parts(data) < 1:
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)  # mid-run: the pool's next batches are in flight on this actor
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+    check_same(data, reference)
+
+
+def test_resume_after_ray_stop_mid_run(corpus, reference, tmp_path):
+    data = tmp_path / "data"
+    (tmp_path / "h1").mkdir()
+    head = Head(tmp_path / "h1", num_gpus=0)
+    try:
+        args = ("ingest", str(corpus / "docs"), "--config", "configs/test.yaml", "--data-dir", str(data),
+                "--address", head.address)
+        p = shoal(*args)
+        deadline = time.time() + 300
+        while time.time() < deadline and parts(data) < 1 and p.poll() is None:
+            time.sleep(0.05)
+        assert p.poll() is None
+        head.kill()  # the whole cluster goes away under the driver
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode != 0
+    finally:
+        head.stop()
+    assert 0 < len(chunk_map(data)) < len(reference)
+    (tmp_path / "h2").mkdir()
+    head = Head(tmp_path / "h2", num_gpus=0)
+    try:
+        p = shoal(*args[:-1], head.address)
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+    finally:
+        head.stop()
+    check_same(data, reference)
