@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import Config, config_from_dict
 from cluster.search import MAX_K, MAX_QUERY_CHARS
+from index.fusion import rrf_fuse
 from workers.serving import QueryEncoder, Reranker, ShardSearcher, gather_groups, percentiles
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class SearchRequest(BaseModel):
     file_type: Optional[list[Literal["text", "markdown", "rst", "code", "data", "html", "pdf"]]] = None
     allow_partial: bool = False
     full: bool = False
+    mode: Optional[Literal["dense", "keyword", "hybrid"]] = None
 
     @field_validator("q")
     @classmethod
@@ -59,6 +61,7 @@ class BatchRequest(BaseModel):
     file_type: Optional[list[Literal["text", "markdown", "rst", "code", "data", "html", "pdf"]]] = None
     allow_partial: bool = False
     full: bool = False
+    mode: Optional[Literal["dense", "keyword", "hybrid"]] = None
 
     @field_validator("queries")
     @classmethod
@@ -184,6 +187,7 @@ class Ingress:
         api.state.max_body_bytes = int(self.cfg.serve.max_body_bytes)
         self.catalog_path = self.cfg.data_path / "catalog.sqlite"
         self._catalog: Optional[Catalog] = None
+        self._kw: Optional[tuple[str, Any]] = None
         self.latency_ms: deque[float] = deque(maxlen=5000)
         self.requests = 0
         self.errors = 0
@@ -197,13 +201,59 @@ class Ingress:
             self._catalog = Catalog(self.catalog_path, readonly=True)
         return self._catalog
 
-    async def _search(self, queries: list[str], req: Any, xq: np.ndarray) -> dict[str, Any]:
+    def _keyword_index(self, generation: Optional[str]) -> Any:
+        """The BM25 index of ``generation`` (or CURRENT), loaded once per generation."""
+        from index import generations
+        from index.keyword import KeywordIndex
+
+        name = generation or generations.current_name(self.cfg.data_path)
+        if name is None:
+            raise ServeError(503, "no index generation yet")
+        if self._kw is None or self._kw[0] != name:
+            gen_dir = generations.generations_dir(self.cfg.data_path) / name
+            if not KeywordIndex.exists(gen_dir):
+                return None
+            self._kw = (name, KeywordIndex(gen_dir))
+        return self._kw[1]
+
+    async def _encode(self, queries: list[str], mode: str, single: bool) -> Optional[np.ndarray]:
+        if mode == "keyword":
+            return None
+        if single:
+            return np.asarray(await self.encoder.encode_one.remote(queries[0]), dtype=np.float32)[None, :]
+        return np.asarray(await self.encoder.encode_many.remote(queries), dtype=np.float32)
+
+    async def _search(self, queries: list[str], req: Any, xq: Optional[np.ndarray]) -> dict[str, Any]:
         k = req.k
+        mode = req.mode or self.cfg.query.mode
         allowed = None
         if req.path_prefix or req.file_type:
             allowed = self.catalog.ids_matching(req.path_prefix, req.file_type)
         fetch = max(k, self.cfg.serve.rerank_candidates) if req.rerank else k
         fetch += 16  # ids the catalog no longer knows are dropped below
+        if mode == "hybrid":
+            fetch = max(fetch, self.cfg.query.fusion_candidates)
+        missing: list[int] = []
+        gens: list[str] = []
+        D = I = None
+        if xq is not None:
+            D, I, gens, missing = await self._dense(xq, fetch, req, allowed)
+        if mode != "dense":
+            kw = self._keyword_index(gens[-1] if gens else None)
+            if kw is None and mode == "keyword":
+                raise ServeError(409, "this generation has no keyword index (index.keyword is false)")
+            if kw is not None:
+                Dk, Ik = kw.search(queries, fetch)
+                if allowed is not None:
+                    Ik = np.where(np.isin(Ik, allowed), Ik, -1)
+                if mode == "keyword":
+                    D, I = Dk, Ik
+                else:
+                    qc = self.cfg.query
+                    D, I = rrf_fuse([I, Ik], [qc.dense_weight, qc.keyword_weight], fetch, qc.rrf_k)
+        return self._hits(queries, req, D, I, gens, missing, mode)
+
+    async def _dense(self, xq: np.ndarray, fetch: int, req: Any, allowed: Optional[np.ndarray]) -> Any:
         calls = [h.search.remote(xq, fetch, req.nprobe, allowed) for h in self.searchers]
         results = await gather_groups(calls, SHARD_TIMEOUT_S)
         missing = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
@@ -215,8 +265,11 @@ class Ingress:
         for D, I, _ in ok:
             heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
         heap.finalize()
-        D, I = heap.D, heap.I
-        gens = sorted({g for _, _, g in ok})
+        return heap.D, heap.I, sorted({g for _, _, g in ok}), missing
+
+    async def _hits(self, queries: list[str], req: Any, D: np.ndarray, I: np.ndarray, gens: list[str],
+                    missing: list[int], mode: str) -> dict[str, Any]:
+        k = req.k
         rows = self.catalog.lookup(np.unique(I[I >= 0]).tolist())
         roots = tuple(r.rstrip("/") + "/" for r in self.catalog.roots())
         out = []
@@ -241,7 +294,8 @@ class Ingress:
                     snip = self.cfg.query.snippet_chars
                     h["text"] = flat if len(flat) <= snip else flat[:snip].rstrip() + "…"
             out.append({"query": q, "hits": hits})
-        resp: dict[str, Any] = {"generation": gens[-1] if gens else None, "results": out}
+        gen = gens[-1] if gens else (self._kw[0] if self._kw else None)
+        resp: dict[str, Any] = {"generation": gen, "mode": mode, "results": out}
         if missing:
             resp.update(partial=True, missing_shards=missing)
         return resp
@@ -256,13 +310,13 @@ class Ingress:
                          k: int = Query(10, ge=1, le=MAX_K), nprobe: Optional[int] = Query(None, ge=1, le=65536),
                          rerank: bool = False, path_prefix: Optional[str] = None,
                          file_type: Optional[list[str]] = Query(None), allow_partial: bool = False,
-                         full: bool = False) -> Any:
+                         full: bool = False, mode: Optional[str] = None) -> Any:
         unknown = sorted(set(request.query_params) - SEARCH_PARAMS)
         if unknown:
             return error(422, [{"field": u, "msg": "unknown parameter", "type": "extra_forbidden"} for u in unknown])
         try:
             req = SearchRequest(q=q, k=k, nprobe=nprobe, rerank=rerank, path_prefix=path_prefix,
-                                file_type=file_type, allow_partial=allow_partial, full=full)
+                                file_type=file_type, allow_partial=allow_partial, full=full, mode=mode)
         except Exception as e:  # pydantic.ValidationError
             raise RequestValidationError(e.errors()) from e  # type: ignore[attr-defined]
         return await self.search_post(req)
@@ -270,11 +324,12 @@ class Ingress:
     @api.post("/search")
     async def search_post(self, req: SearchRequest) -> Any:
         t0 = time.perf_counter()
-        xq = np.asarray(await self.encoder.encode_one.remote(req.q), dtype=np.float32)[None, :]
+        xq = await self._encode([req.q], req.mode or self.cfg.query.mode, single=True)
         res = await self._search([req.q], req, xq)
         self._done(t0)
         one = res["results"][0]
-        body = {"query": one["query"], "k": req.k, "generation": res["generation"], "hits": one["hits"],
+        body = {"query": one["query"], "k": req.k, "mode": res["mode"], "generation": res["generation"],
+                "hits": one["hits"],
                 "ms": round((time.perf_counter() - t0) * 1000, 2)}
         if res.get("partial"):
             body.update(partial=True, missing_shards=res["missing_shards"])
@@ -286,7 +341,7 @@ class Ingress:
             return error(422, [{"field": "queries", "msg": f"at most {self.cfg.serve.max_batch_queries} queries "
                                 f"per batch, got {len(req.queries)}", "type": "too_long"}])
         t0 = time.perf_counter()
-        xq = np.asarray(await self.encoder.encode_many.remote(req.queries), dtype=np.float32)
+        xq = await self._encode(req.queries, req.mode or self.cfg.query.mode, single=False)
         res = await self._search(req.queries, req, xq)
         self._done(t0)
         res["ms"] = round((time.perf_counter() - t0) * 1000, 2)

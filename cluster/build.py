@@ -108,6 +108,12 @@ def build_generation(cfg: Config, cat: Catalog, *, retrain: bool = False) -> str
             manifest = _build_delta(cfg, cat, tmp, base_dir, base, added, removed, d)
         else:
             manifest = _build_main(cfg, cat, tmp, live, factory, d, mode, base_dir, base)
+        if cfg.index.keyword:
+            manifest["keyword"] = _build_keyword(cat, tmp)
+    except RuntimeError as e:  # FAISS reports write failures (disk full, file too large) this way
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ShoalError(f"cannot write the new generation: {str(e).strip().splitlines()[-1]}; "
+                         "the live generation is unchanged") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -127,6 +133,15 @@ def build_generation(cfg: Config, cat: Catalog, *, retrain: bool = False) -> str
     log.info("built generation %s (%s): %s, %d vectors in %.1fs", name, mode, factory, manifest["ntotal"],
              manifest["build_seconds"])
     return name
+
+
+def _build_keyword(cat: Catalog, tmp: Path) -> dict[str, Any]:
+    from index.keyword import build_keyword_index
+
+    t0 = time.perf_counter()
+    ids, texts = cat.chunk_texts()
+    build_keyword_index(texts, ids, tmp)
+    return {"kind": "bm25s", "ntotal": len(ids), "build_seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _read_ids(gen_dir: Optional[Path]) -> Optional[np.ndarray]:

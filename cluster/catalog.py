@@ -106,6 +106,15 @@ class ChunkHit:
     text: str
 
 
+def storable(s: str) -> str:
+    """A str SQLite can store: undecodable bytes of file names (surrogate escapes) become \\xNN."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class Catalog:
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -234,10 +243,11 @@ class Catalog:
     def record_skipped(self, items: Sequence[Skipped], root: str, run_id: Optional[int]) -> None:
         with self.transaction() as db:
             for s in items:
-                db.execute("DELETE FROM files WHERE path=?", (s.path,))
+                path = storable(s.path)
+                db.execute("DELETE FROM files WHERE path=?", (path,))
                 db.execute(
                     "INSERT OR REPLACE INTO skipped(path, root, reason, detail, run_id) VALUES (?, ?, ?, ?, ?)",
-                    (s.path, root, s.reason, s.detail, run_id),
+                    (path, root, s.reason, storable(s.detail), run_id),
                 )
 
     def clear_skipped(self, root: str, keep: Iterable[str] = ()) -> None:
@@ -304,6 +314,11 @@ class Catalog:
     def chunk_ids(self) -> np.ndarray:
         rows = self.db.execute("SELECT id FROM chunks ORDER BY id").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def chunk_texts(self) -> tuple[np.ndarray, list[str]]:
+        """Every live chunk: ids (n,) sorted, and their texts."""
+        rows = self.db.execute("SELECT id, text FROM chunks ORDER BY id").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1] for r in rows]
 
     def lookup(self, ids: Iterable[int]) -> dict[int, ChunkHit]:
         ids = [int(i) for i in ids if i >= 0]

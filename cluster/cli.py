@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--full", action="store_true", help="show each hit's whole chunk, not a snippet")
         p.add_argument("--url", help="query a running `shoal serve` (e.g. http://127.0.0.1:8000) instead of the local index")
         p.add_argument("--rerank", action="store_true", help="re-rank the hits (with --url)")
+        p.add_argument("--mode", choices=("dense", "keyword", "hybrid"), default=None,
+                       help="dense vectors, BM25 keywords, or both fused (default query.mode)")
         _common(p)
 
     p = sub.add_parser("serve", help="serve the index over HTTP (Ray Serve) until Ctrl-C")
@@ -169,12 +171,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 class RemoteSearcher:
     """The Searcher interface over HTTP, for `--url`."""
 
-    def __init__(self, url: str, full: bool, rerank: bool) -> None:
+    def __init__(self, url: str, full: bool, rerank: bool, mode: Optional[str] = None) -> None:
         import httpx
 
         headers = {"authorization": f"Bearer {os.environ['SHOAL_TOKEN']}"} if os.environ.get("SHOAL_TOKEN") else {}
         self.client = httpx.Client(base_url=url.rstrip("/"), timeout=60, headers=headers)
-        self.full, self.rerank = full, rerank
+        self.full, self.rerank, self.mode = full, rerank, mode
         try:
             st = self.client.get("/healthz").json()
         except httpx.HTTPError as e:
@@ -182,12 +184,15 @@ class RemoteSearcher:
         self.generation = st.get("generation")
         self.manifest = {"ntotal": "?"}
 
-    def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None) -> list[list[Any]]:
+    def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None,
+               mode: Optional[str] = None) -> list[list[Any]]:
         from cluster.search import Hit
 
         out = []
         for q in queries:
             body: dict[str, Any] = {"q": q, "k": k, "full": self.full, "rerank": self.rerank}
+            if mode or self.mode:
+                body["mode"] = mode or self.mode
             if nprobe is not None:
                 body["nprobe"] = nprobe
             r = self.client.post("/search", json=body)
@@ -204,7 +209,7 @@ class RemoteSearcher:
 
 def _searcher(args: argparse.Namespace, cfg: Config) -> Any:
     if getattr(args, "url", None):
-        return RemoteSearcher(args.url, args.full, args.rerank)
+        return RemoteSearcher(args.url, args.full, args.rerank, args.mode)
     from cluster.search import Searcher
 
     return Searcher(cfg)
@@ -227,10 +232,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     k = args.k or cfg.query.k
     s = _searcher(args, cfg)
     t0 = time.perf_counter()
-    [hits] = s.search([args.text], k=k, nprobe=args.nprobe)
+    [hits] = s.search([args.text], k=k, nprobe=args.nprobe, mode=args.mode)
     ms = (time.perf_counter() - t0) * 1000
     if args.json:
-        print(json.dumps({"query": args.text, "k": k, "generation": s.generation, "ms": round(ms, 2),
+        print(json.dumps({"query": args.text, "k": k, "mode": args.mode or cfg.query.mode,
+                          "generation": s.generation, "ms": round(ms, 2),
                           "hits": [h.as_dict(None if args.full else cfg.query.snippet_chars) for h in hits]},
                          indent=2, ensure_ascii=False))
     else:
@@ -262,7 +268,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             break
         try:
             t0 = time.perf_counter()
-            [hits] = s.search([q], k=k, nprobe=args.nprobe)
+            [hits] = s.search([q], k=k, nprobe=args.nprobe, mode=args.mode)
             _print_hits(hits, args.full, cfg.query.snippet_chars)
             print(f"  ({len(hits)} hits in {(time.perf_counter() - t0) * 1000:.0f} ms)", flush=True)
         except ShoalError as e:
@@ -386,14 +392,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("shoal: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return 0
+    except OSError as e:  # disk full, file too large, permissions: the last good generation stays live
+        print(f"shoal: error: {e.strerror or e} ({e.filename or 'I/O'}); nothing was switched: "
+              "the previous generation is still the live one", file=sys.stderr)
+        return 1
     except Exception as e:
         if type(e).__module__.startswith("ray."):  # the cluster went away under us
             print(f"shoal: error: the Ray cluster failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
                   "committed work is kept: rerun the same command to resume", file=sys.stderr)
             return 1
         raise
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

@@ -112,12 +112,18 @@ class IndexConfig:
     delta_max_fraction: float = 0.2  # new + deleted vectors, as a fraction of the main index, kept as a delta
     retrain_growth: float = 4.0  # `shoal reindex` is advised when ntotal > this x the training sample's base
     refine_k_factor: float = 4.0  # candidates re-scored exactly per hit, for factories ending in ",RFlat"
+    keyword: bool = True  # build the BM25 keyword index (bm25s) beside the vectors, for keyword/hybrid search
 
 
 @dataclass(frozen=True)
 class QueryConfig:
     k: int = 10
     snippet_chars: int = 200
+    mode: Literal["dense", "keyword", "hybrid"] = "hybrid"
+    rrf_k: float = 60.0  # reciprocal rank fusion constant
+    dense_weight: float = 1.0
+    keyword_weight: float = 1.0
+    fusion_candidates: int = 100  # hits taken from each side before fusing
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,12 @@ def _check_values(cfg: Config) -> None:
                    "index.delta_max_fraction": cfg.index.delta_max_fraction}.items():
         if not 0 <= v < 1:
             raise ConfigError(f"{key}: must be in [0, 1), got {v!r}")
+    q = cfg.query
+    if q.rrf_k <= 0 or q.fusion_candidates <= 0 or q.dense_weight < 0 or q.keyword_weight < 0:
+        raise ConfigError(
+            f"query: rrf_k and fusion_candidates must be > 0 and weights >= 0, got rrf_k={q.rrf_k!r}, "
+            f"fusion_candidates={q.fusion_candidates!r}, dense_weight={q.dense_weight!r}, "
+            f"keyword_weight={q.keyword_weight!r}")
     if cfg.index.retrain_growth <= 1:
         raise ConfigError(f"index.retrain_growth: must be > 1, got {cfg.index.retrain_growth!r}")
     if cfg.index.refine_k_factor < 1:

@@ -253,11 +253,12 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
     pending: list[FileBatch] = []
     pending_chunks = 0
 
-    def commit(payload: list[FileBatch], xb: np.ndarray, secs: float) -> None:
-        nonlocal report
+    def commit(payload: tuple[list[FileBatch], np.ndarray], xb_unique: np.ndarray, secs: float) -> None:
+        files, inverse = payload
+        xb = xb_unique[inverse]
         if report.batches == 0 or cat.get_meta("model") is None:
             _check_model(cat, pool, cfg)
-        cat.commit_files(payload, write_part=lambda ids: staging.write_part(stage, ids, xb))
+        cat.commit_files(files, write_part=lambda ids: staging.write_part(stage, ids, xb))
         report.batches += 1
         report.chunks_added += len(xb)
         report.embed_seconds += secs
@@ -269,7 +270,9 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
             return
         while pool.full():
             commit(*pool.wait_one())
-        pool.submit([c.text for fb in pending for c in fb.chunks], pending)
+        texts = [c.text for fb in pending for c in fb.chunks]
+        uniq, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+        pool.submit(list(uniq), (pending, inverse))  # identical chunks (boilerplate, repeats) embed once
         pending, pending_chunks = [], 0
 
     status = "failed"

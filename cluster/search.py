@@ -14,6 +14,7 @@ from cluster.catalog import Catalog
 from cluster.config import Config
 from cluster.errors import CorruptFileError, IndexMismatchError, ShoalError
 from index import generations
+from index.fusion import rrf_fuse
 from index.search import LoadedGeneration
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ class Searcher:
                 f"this query would use {lm.name} ({lm.fingerprint}). Set model.name to match or re-ingest."
             )
         self.catalog = Catalog(data / "catalog.sqlite", readonly=True)
+        from index.keyword import KeywordIndex
+
+        self.keyword = KeywordIndex(self.gen_dir) if KeywordIndex.exists(self.gen_dir) else None
 
     @property
     def generation(self) -> str:
@@ -121,13 +125,34 @@ class Searcher:
             out.append(hs)
         return out
 
-    def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None) -> list[list[Hit]]:
+    def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None,
+               mode: Optional[str] = None) -> list[list[Hit]]:
+        """Top-k hits per query: ``mode`` dense (vectors), keyword (BM25) or hybrid (RRF of both)."""
         qs = [validate_query(q, k)[0] for q in queries]
         if not qs:
             return []
-        fetch = k + 16  # ids the catalog no longer knows are dropped in hits()
-        D, I = self.search_vectors(self.embed(qs), fetch, nprobe)
+        D, I = self.search_ids(qs, k + 16, nprobe, mode)  # +16: ids the catalog no longer knows are dropped
         return self.hits(D, I, k)
+
+    def search_ids(self, qs: Sequence[str], k: int, nprobe: Optional[int] = None,
+                   mode: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+        """D, I of size (nq, k) for already validated queries."""
+        q = self.cfg.query
+        mode = mode or q.mode
+        if mode not in ("dense", "keyword", "hybrid"):
+            raise ShoalError(f"mode must be dense, keyword or hybrid, got {mode!r}")
+        if mode != "dense" and self.keyword is None:
+            if mode == "keyword":
+                raise ShoalError(f"generation {self.generation} has no keyword index (index.keyword is false)")
+            mode = "dense"
+        if mode == "dense":
+            return self.search_vectors(self.embed(qs), k, nprobe)
+        if mode == "keyword":
+            return self.keyword.search(qs, k)
+        n = max(k, q.fusion_candidates)
+        _, Id = self.search_vectors(self.embed(qs), n, nprobe)
+        _, Ik = self.keyword.search(qs, n)
+        return rrf_fuse([Id, Ik], [q.dense_weight, q.keyword_weight], k, q.rrf_k)
 
     def close(self) -> None:
         self.catalog.close()

@@ -83,12 +83,12 @@ def commit(data_dir: Path, tmp: Path, manifest: dict[str, Any]) -> str:
     Returns the new generation's name.
     """
     files = {}
-    for p in sorted(tmp.iterdir()):
+    for p in sorted(tmp.rglob("*")):
         if p.name == MANIFEST or not p.is_file():
             continue
         with open(p, "rb") as f:
             os.fsync(f.fileno())
-        files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        files[str(p.relative_to(tmp))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     name = next_name(data_dir)
     manifest = dict(manifest, format=FORMAT_VERSION, generation=name, created_at=time.time(), files=files)
     mpath = tmp / MANIFEST

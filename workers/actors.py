@@ -26,6 +26,12 @@ class EmbedActor:
         self.lm = load_model(model_name, device=device, max_seq_length=max_seq_length,
                              threads=threads, allow_download=allow_download)
         self.batch_size = batch_size
+        if self.lm.device == "cuda":  # per-device batch: the 16 GB card takes twice the 8 GB card's
+            import torch
+
+            mem = torch.cuda.get_device_properties(0).total_memory
+            self.batch_size = max(16, int(batch_size * mem / (16 << 30)))
+            log.info("GPU %s with %.1f GB: batch size %d", torch.cuda.get_device_name(0), mem / 1e9, self.batch_size)
         self.tag = f"{self.lm.device}:{','.join(str(g) for g in self.gpu_ids) or os.getpid()}"
         if self.gpu_ids and self.lm.device == "cpu":
             log.warning("Ray assigned GPU %s (CUDA_VISIBLE_DEVICES=%s) but no card answers; embedding on the CPU",
@@ -43,6 +49,7 @@ class EmbedActor:
             "fingerprint": self.lm.fingerprint,
             "dim": self.lm.dim,
             "max_seq_length": self.lm.max_seq_length,
+            "batch_size": self.batch_size,
         }
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Retrieval quality on a BEIR-format collection, end to end through shoal's real ingest and query paths.
+
+    python scripts/eval_beir.py DATASET_DIR [--config FILE] [--limit-docs N] [--url URL] [--work DIR]
+                                [--out scores.json] [--exact-check]
+
+Writes each document as a file (title + text), runs the real `shoal ingest`
+(a subprocess) on that folder, sends every query through the real query path
+(in-process Searcher; with --url also `POST /search/batch` of a running
+`shoal serve`), maps hits back to document ids by file path (a document with
+several chunks counts once, at its best rank) and scores the runs with
+pytrec_eval (trec_eval's own measures): nDCG@10, Recall@100, MRR@10. A BM25
+baseline from bm25s (English stop words) runs on the same documents.
+Prints one table; --out writes per-query scores as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MEASURES = {"ndcg_cut_10": "nDCG@10", "recall_100": "Recall@100", "recip_rank": "MRR@10"}
+DEPTH = 100
+
+
+def load_beir(d: Path, limit_docs: int = 0) -> tuple[list[dict], dict[str, str], dict[str, dict[str, int]]]:
+    docs = [json.loads(line) for line in open(d / "corpus.jsonl", encoding="utf-8")]
+    if limit_docs:
+        docs = docs[:limit_docs]
+    keep = {x["_id"] for x in docs}
+    queries = {q["_id"]: q["text"] for q in map(json.loads, open(d / "queries.jsonl", encoding="utf-8"))}
+    qrels: dict[str, dict[str, int]] = {}
+    with open(d / "qrels.tsv", encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            qid, did, score = line.rstrip("\n").split("\t")[:3]
+            if did in keep and int(score) > 0:
+                qrels.setdefault(qid, {})[did] = int(score)
+    queries = {q: t for q, t in queries.items() if q in qrels}  # queries with a judged relevant doc
+    return docs, queries, qrels
+
+
+def doc_text(d: dict) -> str:
+    return f"{d.get('title', '').strip()}\n\n{d.get('text', '').strip()}\n"
+
+
+def write_docs(docs: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for d in docs:
+        (out / f"{d['_id']}.txt").write_text(doc_text(d), encoding="utf-8")
+
+
+def evaluate(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per-query nDCG@10, Recall@100 and MRR@10 (reciprocal rank within the top 10) by pytrec_eval."""
+    import pytrec_eval
+
+    full = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut_10", "recall_100"}).evaluate(run)
+    top10 = {q: dict(sorted(r.items(), key=lambda t: -t[1])[:10]) for q, r in run.items()}
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    out = {}
+    for q in qrels:
+        out[q] = {"ndcg_cut_10": full.get(q, {}).get("ndcg_cut_10", 0.0),
+                  "recall_100": full.get(q, {}).get("recall_100", 0.0),
+                  "recip_rank": rr.get(q, {}).get("recip_rank", 0.0)}
+    return out
+
+
+def mean(per_query: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {m: float(np.mean([v[m] for v in per_query.values()])) for m in MEASURES}
+
+
+def hits_to_run(ranked_paths: list[list[str]], qids: list[str]) -> dict[str, dict[str, float]]:
+    """Chunk hits (paths, best first) -> {qid: {doc id: score}}, each document at its best rank."""
+    run: dict[str, dict[str, float]] = {}
+    for qid, paths in zip(qids, ranked_paths):
+        docs: dict[str, float] = {}
+        for rank, p in enumerate(paths):
+            did = Path(p).stem
+            if did not in docs:
+                docs[did] = 1.0 / (rank + 1)
+            if len(docs) >= DEPTH:
+                break
+        run[qid] = docs
+    return run
+
+
+def bm25_baseline(docs: list[dict], queries: dict[str, str]) -> dict[str, dict[str, float]]:
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([doc_text(d) for d in docs], stopwords="en", show_progress=False),
+                    show_progress=False)
+    qids = list(queries)
+    res, scores = retriever.retrieve(bm25s.tokenize([queries[q] for q in qids], stopwords="en", show_progress=False),
+                                     k=min(DEPTH, len(docs)), show_progress=False)
+    return {q: {docs[i]["_id"]: float(s) for i, s in zip(res[j], scores[j]) if s > 0} for j, q in enumerate(qids)}
+
+
+def ingest(docs_dir: Path, data: Path, config: Optional[str]) -> float:
+    cmd = [sys.executable, "-m", "cluster.cli", "ingest", str(docs_dir), "--data-dir", str(data), "--json"]
+    if config:
+        cmd += ["--config", config]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"shoal ingest failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def in_process_runs(cfg: Any, queries: dict[str, str], modes: list[str], nprobe: Optional[int] = None,
+                    searcher: Any = None) -> dict[str, dict[str, dict[str, float]]]:
+    from cluster.search import Searcher
+
+    s = searcher or Searcher(cfg)
+    qids = list(queries)
+    runs = {}
+    for mode in modes:
+        paths = []
+        for i0 in range(0, len(qids), 64):
+            batch = [queries[q] for q in qids[i0:i0 + 64]]
+            for hits in s.search(batch, k=DEPTH * 3, nprobe=nprobe, mode=mode):
+                paths.append([h.path for h in hits])
+        runs[mode] = hits_to_run(paths, qids)
+    if searcher is None:
+        s.close()
+    return runs
+
+
+def http_runs(url: str, queries: dict[str, str], modes: list[str], rerank: bool = False
+              ) -> dict[str, dict[str, dict[str, float]]]:
+    import httpx
+
+    qids = list(queries)
+    runs = {}
+    headers = {"authorization": f"Bearer {os.environ['SHOAL_TOKEN']}"} if os.environ.get("SHOAL_TOKEN") else {}
+    with httpx.Client(base_url=url, timeout=300, headers=headers) as c:
+        for mode in modes:
+            paths = []
+            for i0 in range(0, len(qids), 32):
+                batch = [queries[q] for q in qids[i0:i0 + 32]]
+                r = c.post("/search/batch", json={"queries": batch, "k": DEPTH * 3, "mode": mode, "rerank": rerank})
+                r.raise_for_status()
+                paths += [[h["path"] for h in res["hits"]] for res in r.json()["results"]]
+            runs[mode + (" +rerank" if rerank else "")] = hits_to_run(paths, qids)
+    return runs
+
+
+def main(argv: Optional[list[str]] = None, out: Callable[[str], None] = print) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dataset")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--limit-docs", type=int, default=0)
+    ap.add_argument("--url", default=None, help="also query a running `shoal serve` over HTTP")
+    ap.add_argument("--rerank", action="store_true", help="with --url: also the re-ranked runs")
+    ap.add_argument("--work", default=None, help="folder for the documents and the data dir")
+    ap.add_argument("--data-dir", default=None, help="an already ingested data dir (skip the ingest)")
+    ap.add_argument("--modes", default="dense,keyword,hybrid")
+    ap.add_argument("--out", default=None, help="per-query scores as JSON")
+    a = ap.parse_args(argv)
+    from cluster.config import load_config
+
+    ds = Path(a.dataset)
+    docs, queries, qrels = load_beir(ds, a.limit_docs)
+    work = Path(a.work or tempfile.mkdtemp(prefix="shoal-eval-"))
+    data = Path(a.data_dir) if a.data_dir else work / "data"
+    ingest_s = None
+    if not a.data_dir:
+        write_docs(docs, work / "docs")
+        ingest_s = ingest(work / "docs", data, a.config)
+    cfg = load_config(a.config, data_dir=str(data))
+    modes = a.modes.split(",")
+    runs: dict[str, dict[str, dict[str, float]]] = {"BM25 (bm25s, documents)": bm25_baseline(docs, queries)}
+    runs.update({f"shoal {m}": r for m, r in in_process_runs(cfg, queries, modes).items()})
+    if a.url:
+        runs.update({f"shoal {m} (HTTP)": r for m, r in http_runs(a.url, queries, modes).items()})
+        if a.rerank:
+            runs.update({f"shoal {m} (HTTP)": r for m, r in http_runs(a.url, queries, modes, rerank=True).items()})
+    scores = {name: evaluate(qrels, run) for name, run in runs.items()}
+    from index import generations
+
+    _, man = generations.open_current(data)
+    out(f"\n### {ds.name}: {len(docs)} documents, {len(queries)} judged queries, "
+        f"index {man['factory']} (nprobe {man['nprobe']}), {man['ntotal']} chunks"
+        + (f", ingest {ingest_s:.0f} s" if ingest_s else "") + "\n")
+    out("| run | " + " | ".join(MEASURES.values()) + " |")
+    out("| --- | " + " | ".join("---:" for _ in MEASURES) + " |")
+    summary = {}
+    for name, per_q in scores.items():
+        summary[name] = mean(per_q)
+        out(f"| {name} | " + " | ".join(f"{summary[name][m]:.4f}" for m in MEASURES) + " |")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"dataset": str(ds), "summary": summary, "per_query": scores}, indent=1))
+    return {"summary": summary, "per_query": scores, "data": str(data), "work": str(work)}
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
