@@ -251,7 +251,7 @@ class Ingress:
                 else:
                     qc = self.cfg.query
                     D, I = rrf_fuse([I, Ik], [qc.dense_weight, qc.keyword_weight], fetch, qc.rrf_k)
-        return self._hits(queries, req, D, I, gens, missing, mode)
+        return await self._hits(queries, req, D, I, gens, missing, mode)
 
     async def _dense(self, xq: np.ndarray, fetch: int, req: Any, allowed: Optional[np.ndarray]) -> Any:
         calls = [h.search.remote(xq, fetch, req.nprobe, allowed) for h in self.searchers]

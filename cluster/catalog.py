@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from cluster.chunking import Chunk
-from cluster.errors import CorruptFileError
+from cluster.errors import CorruptFileError, ShoalError
 from cluster.scan import Skipped
 
 SCHEMA_VERSION = 1
@@ -138,6 +138,11 @@ class Catalog:
                         (str(SCHEMA_VERSION),),
                     )
             self.db.execute("SELECT count(*) FROM files").fetchone()
+        except sqlite3.OperationalError as e:
+            self.db.close()
+            if "disk" in str(e) or "full" in str(e):
+                raise ShoalError(f"catalog {self.path}: {e} (is the disk full or a file-size limit reached?)") from e
+            raise CorruptFileError(f"catalog {self.path} is damaged or not a shoal catalog: {e}") from e
         except sqlite3.DatabaseError as e:
             self.db.close()
             raise CorruptFileError(f"catalog {self.path} is damaged or not a shoal catalog: {e}") from e

@@ -97,7 +97,21 @@ def _config(args: argparse.Namespace) -> Config:
         from dataclasses import replace
 
         cfg = replace(cfg, ray=replace(cfg.ray, address=addr))
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        loopback_only_ray()
     return cfg
+
+
+def loopback_only_ray() -> None:
+    """Ray's single-machine mode: GCS, raylet, agents and workers on 127.0.0.1 only.
+
+    Ray reads this variable when it is first imported, so it is set before any
+    command imports Ray, and only when no cluster is being joined (a driver that
+    joins a real cluster must report its real address).
+    """
+    if "ray" in sys.modules:
+        log.warning("Ray was imported before its loopback-only mode could be set")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _print_hits(hits: Sequence[Any], full: bool, snippet_chars: int, out: Any = sys.stdout) -> None:
@@ -385,6 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        _config(args)  # validates the config, and sets Ray's loopback-only mode before Ray is imported
         return COMMANDS[args.cmd](args)
     except ShoalError as e:
         print(f"shoal: error: {e}", file=sys.stderr)

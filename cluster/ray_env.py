@@ -25,8 +25,13 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         ray.init(address=address, **quiet)
         log.info("joined Ray cluster at %s", address)
         return address
-    # Ray's single-machine mode keeps GCS, raylet and client server on loopback.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 must be in the environment before Ray is
+    # first imported (the CLI sets it; see cluster.cli.loopback_only_ray), plus the node IP here.
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        log.warning("starting a local Ray that may listen beyond loopback: set "
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported")
     ray.init(
         _node_ip_address="127.0.0.1",
         include_dashboard=False,

@@ -54,7 +54,7 @@ def test_ingest_query_and_incremental(tmp_path, test_cfg, ray_local):
 
     s = Searcher(test_cfg, lm=LM[0])
     for doc_id in ("1", "7", "23", "42"):
-        [hits] = s.search([first_sentence(paths[doc_id])], k=5)
+        [hits] = s.search([first_sentence(paths[doc_id])], k=5, mode="dense")
         assert hits[0].path == str(paths[doc_id]), (doc_id, [h.path for h in hits])
         assert hits[0].score > 0.5
         assert paths[doc_id].read_text()[hits[0].start:hits[0].end] == hits[0].text
