@@ -103,7 +103,10 @@ class EmbedPool:
         self.cfg = cfg
         self.actors: list[Any] = []
         self.info: list[dict[str, Any]] = []
-        self.inflight: dict[Any, tuple[int, Any, float]] = {}  # ref -> (actor idx, payload, t0)
+        self.inflight: dict[Any, tuple[int, Any, float, int]] = {}  # ref -> (actor idx, payload, t0, seq)
+        self.done: dict[int, tuple[Any, np.ndarray, float]] = {}  # finished early, waiting for their turn
+        self.next_submit = 0
+        self.next_commit = 0
         self.load = Counter()
 
     def start(self) -> None:
@@ -141,7 +144,7 @@ class EmbedPool:
     def full(self) -> bool:
         if not self.actors:
             return False
-        return len(self.inflight) >= len(self.actors) * self.cfg.embed.max_in_flight
+        return len(self.inflight) + len(self.done) >= len(self.actors) * self.cfg.embed.max_in_flight
 
     def submit(self, texts: list[str], payload: Any) -> None:
         if not self.actors:
@@ -149,17 +152,29 @@ class EmbedPool:
         i = min(range(len(self.actors)), key=lambda j: self.load[j])
         ref = self.actors[i].embed.remote(texts)
         self.load[i] += 1
-        self.inflight[ref] = (i, payload, time.perf_counter())
+        self.inflight[ref] = (i, payload, time.perf_counter(), self.next_submit)
+        self.next_submit += 1
+
+    def pending(self) -> bool:
+        return bool(self.inflight or self.done)
 
     def wait_one(self) -> tuple[Any, np.ndarray, float]:
-        """Block for the next finished batch: (payload, xb, seconds)."""
+        """The next batch in submission order: (payload, xb, seconds).
+
+        Actors finish out of order (a faster card, a restarted actor's retried
+        batch); committing in submission order keeps chunk ids a function of the
+        file order alone, so a resumed run gets the same ids as an uninterrupted one.
+        """
         import ray
 
-        [ref], _ = ray.wait(list(self.inflight), num_returns=1)
-        i, payload, t0 = self.inflight.pop(ref)
-        self.load[i] -= 1
-        xb = ray.get(ref)
-        return payload, xb, time.perf_counter() - t0
+        while self.next_commit not in self.done:
+            [ref], _ = ray.wait(list(self.inflight), num_returns=1)
+            i, payload, t0, seq = self.inflight.pop(ref)
+            self.load[i] -= 1
+            self.done[seq] = (payload, ray.get(ref), time.perf_counter() - t0)
+        out = self.done.pop(self.next_commit)
+        self.next_commit += 1
+        return out
 
     def shutdown(self) -> None:
         import ray
@@ -323,7 +338,7 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
                     flush()
                 progress.tick(report)
             flush()
-            while pool.inflight:
+            while pool.pending():
                 commit(*pool.wait_one())
             # never delete what sits under a folder we could not read this time
             blind = [s.path.rstrip("/") + "/" for s in skips if s.reason == "unreadable-dir"]
