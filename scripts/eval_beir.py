@@ -139,7 +139,7 @@ def in_process_runs(cfg: Any, queries: dict[str, str], modes: list[str], nprobe:
     return runs
 
 
-def http_runs(url: str, queries: dict[str, str], modes: list[str], rerank: bool = False
+def http_runs(url: str, queries: dict[str, str], modes: list[str], rerank: bool = False, batch: int = 32
               ) -> dict[str, dict[str, dict[str, float]]]:
     import httpx
 
@@ -149,9 +149,9 @@ def http_runs(url: str, queries: dict[str, str], modes: list[str], rerank: bool 
     with httpx.Client(base_url=url, timeout=300, headers=headers) as c:
         for mode in modes:
             paths = []
-            for i0 in range(0, len(qids), 32):
-                batch = [queries[q] for q in qids[i0:i0 + 32]]
-                r = c.post("/search/batch", json={"queries": batch, "k": DEPTH * 3, "mode": mode, "rerank": rerank})
+            for i0 in range(0, len(qids), batch):
+                qs = [queries[q] for q in qids[i0:i0 + batch]]
+                r = c.post("/search/batch", json={"queries": qs, "k": DEPTH * 3, "mode": mode, "rerank": rerank})
                 r.raise_for_status()
                 paths += [[h["path"] for h in res["hits"]] for res in r.json()["results"]]
             runs[mode + (" +rerank" if rerank else "")] = hits_to_run(paths, qids)

@@ -161,6 +161,27 @@ def test_stats_and_health(served):
     assert "/search/batch" in client.get("/openapi.json").json()["paths"]
 
 
+def test_http_answers_score_the_same_as_in_process(served, lm):
+    """nDCG@10 over HTTP equals the in-process query path (the corpus here is Cranfield's first 40 docs)."""
+    import sys
+
+    from conftest import CRANFIELD, ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import eval_beir
+
+    cfg, _, _, _, _ = served
+    _, queries, qrels = eval_beir.load_beir(CRANFIELD, 40)
+    queries = dict(list(queries.items())[:40])
+    qrels = {q: qrels[q] for q in queries}
+    local = eval_beir.in_process_runs(cfg, queries, ["dense", "hybrid"], searcher=Searcher(cfg, lm=lm))
+    remote = eval_beir.http_runs(URL, queries, ["dense", "hybrid"], batch=8)
+    for mode in ("dense", "hybrid"):
+        a = eval_beir.mean(eval_beir.evaluate(qrels, local[mode]))["ndcg_cut_10"]
+        b = eval_beir.mean(eval_beir.evaluate(qrels, remote[mode]))["ndcg_cut_10"]
+        assert abs(a - b) <= 0.005, (mode, a, b)
+
+
 def test_hot_swap_under_load(served):
     cfg, client, paths, docs, tmp = served
     stop = threading.Event()
