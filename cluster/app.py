@@ -281,11 +281,14 @@ class Ingress:
                     continue
                 hits.append({"id": c.id, "score": float(score), "path": c.path, "kind": c.kind,
                              "start": c.start, "end": c.end, "text": c.text})
-            if req.rerank and hits:
-                scores = await self.reranker.rerank.remote(q, [h["text"] for h in hits])
-                for h, s in zip(hits, scores):
-                    h["dense_score"], h["score"] = h["score"], float(s)
-                hits.sort(key=lambda h: -h["score"])
+            if req.rerank and hits:  # re-score the top serve.rerank_candidates; the rest keep their order after them
+                n = min(len(hits), self.cfg.serve.rerank_candidates)
+                head, tail = hits[:n], hits[n:]
+                scores = await self.reranker.rerank.remote(q, [h["text"] for h in head])
+                for h, s in zip(head, scores):
+                    h["first_stage_score"], h["score"] = h["score"], float(s)
+                head.sort(key=lambda h: -h["score"])
+                hits = head + tail
             hits = hits[:k]
             for r, h in enumerate(hits, 1):
                 h["rank"] = r

@@ -168,6 +168,7 @@ def main(argv: Optional[list[str]] = None, out: Callable[[str], None] = print) -
     ap.add_argument("--work", default=None, help="folder for the documents and the data dir")
     ap.add_argument("--data-dir", default=None, help="an already ingested data dir (skip the ingest)")
     ap.add_argument("--modes", default="dense,keyword,hybrid")
+    ap.add_argument("--http-modes", default=None, help="modes sent over HTTP (default: --modes)")
     ap.add_argument("--out", default=None, help="per-query scores as JSON")
     a = ap.parse_args(argv)
     from cluster.config import load_config
@@ -185,9 +186,10 @@ def main(argv: Optional[list[str]] = None, out: Callable[[str], None] = print) -
     runs: dict[str, dict[str, dict[str, float]]] = {"BM25 (bm25s, documents)": bm25_baseline(docs, queries)}
     runs.update({f"shoal {m}": r for m, r in in_process_runs(cfg, queries, modes).items()})
     if a.url:
-        runs.update({f"shoal {m} (HTTP)": r for m, r in http_runs(a.url, queries, modes).items()})
+        hmodes = a.http_modes.split(",") if a.http_modes else modes
+        runs.update({f"shoal {m} (HTTP)": r for m, r in http_runs(a.url, queries, hmodes).items()})
         if a.rerank:
-            runs.update({f"shoal {m} (HTTP)": r for m, r in http_runs(a.url, queries, modes, rerank=True).items()})
+            runs.update({f"shoal {m} (HTTP)": r for m, r in http_runs(a.url, queries, hmodes, rerank=True).items()})
     scores = {name: evaluate(qrels, run) for name, run in runs.items()}
     from index import generations
 

@@ -146,7 +146,7 @@ def test_rerank_with_bi_encoder_scorer(served):
     r = client.post("/search", json={"q": QUERIES[0], "k": 5, "rerank": True})
     assert r.status_code == 200, r.text
     hits = r.json()["hits"]
-    assert len(hits) == 5 and all("dense_score" in h for h in hits)
+    assert len(hits) == 5 and all("first_stage_score" in h for h in hits)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
