@@ -250,3 +250,36 @@ def test_resume_after_ray_stop_mid_run(corpus, reference, tmp_path):
     finally:
         head.stop()
     check_same(data, reference)
+
+
+def test_serve_shard_groups_on_two_logical_gpus(corpus, reference, tmp_path):
+    """`shoal serve --address` on a head with 2 logical GPUs: one ShardSearcher per GPU, answers from the CPU."""
+    head = Head(tmp_path)
+    try:
+        data = tmp_path / "data"
+        cfg = tmp_path / "two_gpus.yaml"
+        port = free_port()
+        cfg.write_text(
+            "chunk: {tokens: 128, overlap_tokens: 16}\n"
+            "index:\n  factory: 'IVF8,Flat'\n  gpus: [{name: rtx4080, memory: 16G}, {name: p4000, memory: 8G}]\n"
+            f"serve: {{port: {port}, num_cpus_encoder: 0.3, num_cpus_searcher: 0.1, num_cpus_ingress: 0.1,"
+            " num_cpus_reranker: 0.1}\n")
+        p = shoal("ingest", str(corpus / "docs"), "--config", str(cfg), "--data-dir", str(data),
+                  "--address", head.address)
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+        p = shoal("serve", "--config", str(cfg), "--data-dir", str(data), "--address", head.address, "--detach")
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0 and f"127.0.0.1:{port}" in out, out[-3000:]
+        url = f"http://127.0.0.1:{port}"
+        st = httpx.get(url + "/stats", timeout=60).json()
+        groups = sorted(st["shard_groups"], key=lambda g: g["group"])
+        assert len(groups) == 2
+        assert sorted(g["cuda_visible_devices"] for g in groups) == ["0", "1"]  # one logical GPU each
+        assert all(g["devices"] == ["cpu"] for g in groups)  # no card answers: searched on the CPU
+        assert [g["ntotal"] for g in groups] == [round(len(reference) * 2 / 3), len(reference) - round(len(reference) * 2 / 3)]
+        r = httpx.get(url + "/search", params={"q": "experimental investigation of the aerodynamics of a wing in a "
+                                                    "slipstream", "k": 1, "mode": "dense"}, timeout=60).json()
+        assert r["hits"][0]["path"] == str(corpus / "docs" / "1.txt")
+    finally:
+        head.stop()
