@@ -31,17 +31,25 @@ log = logging.getLogger(__name__)
 SHARD_TIMEOUT_S = 30.0
 
 
-class SearchRequest(BaseModel):
+FileType = Literal["text", "markdown", "rst", "code", "data", "html", "pdf"]
+
+
+class SearchOptions(BaseModel):
+    """What a single and a batch search share."""
+
     model_config = ConfigDict(extra="forbid")
-    q: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
     k: int = Field(10, ge=1, le=MAX_K)
     nprobe: Optional[int] = Field(None, ge=1, le=65536)
     rerank: bool = False
     path_prefix: Optional[str] = Field(None, min_length=1, max_length=4096)
-    file_type: Optional[list[Literal["text", "markdown", "rst", "code", "data", "html", "pdf"]]] = None
+    file_type: Optional[list[FileType]] = None
     allow_partial: bool = False
     full: bool = False
     mode: Optional[Literal["dense", "keyword", "hybrid"]] = None
+
+
+class SearchRequest(SearchOptions):
+    q: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
 
     @field_validator("q")
     @classmethod
@@ -51,17 +59,8 @@ class SearchRequest(BaseModel):
         return v.strip()
 
 
-class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BatchRequest(SearchOptions):
     queries: list[str] = Field(min_length=1)
-    k: int = Field(10, ge=1, le=MAX_K)
-    nprobe: Optional[int] = Field(None, ge=1, le=65536)
-    rerank: bool = False
-    path_prefix: Optional[str] = Field(None, min_length=1, max_length=4096)
-    file_type: Optional[list[Literal["text", "markdown", "rst", "code", "data", "html", "pdf"]]] = None
-    allow_partial: bool = False
-    full: bool = False
-    mode: Optional[Literal["dense", "keyword", "hybrid"]] = None
 
     @field_validator("queries")
     @classmethod
