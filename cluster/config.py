@@ -80,6 +80,7 @@ class EmbedConfig:
     batch_chunks: int = 256  # chunks per commit batch (one SQLite transaction)
     max_in_flight: int = 2  # batches queued per actor (backpressure)
     gpu_batch_size: int = 256
+    dedup: bool = True  # embed identical chunk texts of a batch once (boilerplate, copies, repeated lines)
 
 
 @dataclass(frozen=True)

@@ -286,8 +286,11 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
         while pool.full():
             commit(*pool.wait_one())
         texts = [c.text for fb in pending for c in fb.chunks]
-        uniq, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
-        pool.submit(list(uniq), (pending, inverse))  # identical chunks (boilerplate, repeats) embed once
+        if cfg.embed.dedup:  # identical chunks (boilerplate, copies, repeated lines) embed once
+            uniq, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+            pool.submit(list(uniq), (pending, inverse))
+        else:
+            pool.submit(texts, (pending, np.arange(len(texts))))
         pending, pending_chunks = [], 0
 
     status = "failed"
@@ -343,7 +346,8 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
             # never delete what sits under a folder we could not read this time
             blind = [s.path.rstrip("/") + "/" for s in skips if s.reason == "unreadable-dir"]
             gone = [p for p in known if p not in seen and not p.startswith(tuple(blind))]
-            report.deleted += sum(1 for p in gone if p not in {s.path for s in skips})
+            skipped_now = {s.path for s in skips}
+            report.deleted += sum(1 for p in gone if p not in skipped_now)
             report.chunks_removed += cat.delete_files(gone)
             cat.clear_skipped(root)
             cat.record_skipped(skips, root, run_id)

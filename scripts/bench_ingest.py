@@ -8,8 +8,11 @@ holds at least --min-chunks chunks. Then, in one run on the same machine:
 (a) the plain script a user would write from the FAISS tutorials: read each
 file, chunk it the same way, sentence-transformers `encode` in batches of 32,
 `IndexFlatIP.add`; (b) `shoal ingest` (a real subprocess, local Ray) with 1 and
-2 CPU actors. Chunks/s is end to end (process start to index on disk). The
-driver's peak RSS is sampled every 0.2 s, for shoal at two corpus sizes.
+2 CPU actors, and with 1 actor and `embed.dedup: false`: the repeated corpus
+makes shoal's per-batch de-duplication embed each copy once, so the dedup-off
+row is the like-for-like pipeline comparison. Chunks/s is end to end (process
+start to index on disk). The driver's peak RSS is sampled every 0.2 s, for
+shoal at two corpus sizes.
 """
 
 from __future__ import annotations
@@ -92,10 +95,10 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     return time.perf_counter() - t0, peak, out
 
 
-def shoal_ingest(corpus: Path, work: Path, actors: int, env: dict[str, str]) -> dict:
-    cfg = work / f"bench_{actors}.yaml"
-    cfg.write_text(yaml.safe_dump({"embed": {"cpu_actors": actors, "threads_per_actor": 0}}))
-    data = work / f"data_{actors}_{corpus.name}"
+def shoal_ingest(corpus: Path, work: Path, actors: int, env: dict[str, str], dedup: bool = True) -> dict:
+    cfg = work / f"bench_{actors}_{dedup}.yaml"
+    cfg.write_text(yaml.safe_dump({"embed": {"cpu_actors": actors, "threads_per_actor": 0, "dedup": dedup}}))
+    data = work / f"data_{actors}_{dedup}_{corpus.name}"
     shutil.rmtree(data, ignore_errors=True)
     wall, peak, out = run_measured([sys.executable, "-m", "cluster.cli", "ingest", str(corpus), "--config",
                                     str(cfg), "--data-dir", str(data), "--json"], env)
@@ -132,6 +135,8 @@ def main() -> int:
         print(f"# shoal {actors} actor(s): {runs[actors]['chunks']} chunks in {runs[actors]['seconds']:.1f}s",
               file=sys.stderr)
     quarter = shoal_ingest(small, work, 1, env)
+    nodedup = shoal_ingest(big, work, 1, env, dedup=False)
+    print(f"# shoal 1 actor, dedup off: {nodedup['chunks']} chunks in {nodedup['seconds']:.1f}s", file=sys.stderr)
 
     base = plain["chunks"] / plain["seconds"]
     print(f"\n### Ingest benchmark: Cranfield x{repeat} ({files} files), all-MiniLM-L6-v2, "
@@ -144,6 +149,9 @@ def main() -> int:
         rate = r["chunks"] / r["seconds"]
         print(f"| (b) shoal ingest, local Ray, {actors} CPU actor(s) | {r['chunks']} | {r['seconds']:.1f} | "
               f"{rate:.1f} | {rate / base:.2f} | {r['rss'] / 1e6:.0f} |")
+    rate = nodedup["chunks"] / nodedup["seconds"]
+    print(f"| (b) shoal ingest, 1 CPU actor, embed.dedup off (every copy embedded) | {nodedup['chunks']} | "
+          f"{nodedup['seconds']:.1f} | {rate:.1f} | {rate / base:.2f} | {nodedup['rss'] / 1e6:.0f} |")
     rate = quarter["chunks"] / quarter["seconds"]
     print(f"| (b) shoal ingest, 1 CPU actor, quarter corpus | {quarter['chunks']} | {quarter['seconds']:.1f} | "
           f"{rate:.1f} | {rate / base:.2f} | {quarter['rss'] / 1e6:.0f} |")
@@ -151,7 +159,8 @@ def main() -> int:
           f"{runs[1]['rss'] / 1e6:.0f} MB at {runs[1]['files']} files (the plain script holds every chunk "
           f"and vector: {plain['rss'] / 1e6:.0f} MB).")
     if a.json:
-        Path(a.json).write_text(json.dumps({"plain": plain, "shoal": runs, "quarter": quarter}, indent=2))
+        Path(a.json).write_text(json.dumps({"plain": plain, "shoal": runs, "quarter": quarter, "nodedup": nodedup},
+                                           indent=2))
     return 0
 
 
