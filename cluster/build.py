@@ -35,7 +35,7 @@ from index import generations, staging
 from index.factory import add_in_blocks, choose_factory, make_index, parse_nlist, train_sample
 from index.gpu import detect_gpus, use_gpu_clustering
 from index.ondisk import write_ondisk_shard
-from index.shards import ShardSpec, plan_shards
+from index.shards import plan_shards
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +237,6 @@ def _build_delta(cfg: Config, cat: Catalog, tmp: Path, base_dir: Optional[Path],
     m = {k: base[k] for k in keep if k in base}
     m.update(delta_ntotal=int(len(added)), deleted=int(len(removed)))
     return m
-
-
-def describe_plan(specs: list[ShardSpec]) -> list[str]:
-    return [f"shard {s.shard}: {s.i1 - s.i0} vectors on {s.device} ({s.placement}): {s.reason}" for s in specs]
 
 
 def compact_parts(cat: Catalog, staging_dir: Path, ids: np.ndarray, xb: np.ndarray, min_dead: float = 0.3,

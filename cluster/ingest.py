@@ -28,7 +28,7 @@ from cluster.catalog import Catalog, FileBatch
 from cluster.chunking import chunk_text
 from cluster.config import Config
 from cluster.errors import IndexMismatchError, ShoalError
-from cluster.scan import FileEntry, Skipped, SkipFile, read_text, walk
+from cluster.scan import Skipped, SkipFile, read_text, walk
 from index import generations, staging
 
 log = logging.getLogger(__name__)

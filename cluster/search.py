@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import faiss
 import numpy as np
 
 from cluster.catalog import Catalog

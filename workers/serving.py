@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -206,6 +205,3 @@ def percentiles(samples: Sequence[float]) -> dict[str, float]:
     return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
             "p99": float(np.percentile(a, 99)), "n": int(len(a))}
 
-
-def now_ms() -> float:
-    return time.perf_counter() * 1000

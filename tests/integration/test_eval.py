@@ -3,7 +3,6 @@
 import math
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 

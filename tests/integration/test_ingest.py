@@ -1,7 +1,5 @@
 """The embedded default end to end: real files, real local Ray, real FAISS, the real model."""
 
-import os
-import shutil
 
 import numpy as np
 import pytest

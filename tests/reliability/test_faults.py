@@ -1,6 +1,5 @@
 """Torn files, a full disk, foreign formats: detected with a message naming the file; the old generation stays."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from conftest import ROOT, cranfield_docs, write_docs
 
 @pytest.fixture(scope="module")
 def base_data(tmp_path_factory, ray_local):
-    from dataclasses import replace
 
     from cluster.config import load_config
 

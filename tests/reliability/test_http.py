@@ -2,7 +2,6 @@
 loopback-only binding, and no path outside the ingested roots."""
 
 import json
-import os
 import socket
 import time
 from dataclasses import replace
@@ -93,26 +92,15 @@ def check(r):
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
-def test_fuzz_post_search(app):
+@pytest.mark.parametrize("path,schema", [("/search", "SearchRequest"), ("/search/batch", "BatchRequest")])
+def test_fuzz_post_bodies(app, path, schema):
     client, _ = app
-    props = schema_fields(client, "SearchRequest")
+    props = schema_fields(client, schema)
 
     @FUZZ
     @given(bodies(props))
     def run(body):
-        check(client.post("/search", json=body))
-
-    run()
-
-
-def test_fuzz_post_batch(app):
-    client, _ = app
-    props = schema_fields(client, "BatchRequest")
-
-    @FUZZ
-    @given(bodies(props))
-    def run(body):
-        check(client.post("/search/batch", json=body))
+        check(client.post(path, json=body))
 
     run()
 

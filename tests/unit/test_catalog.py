@@ -1,6 +1,4 @@
-import sqlite3
 
-import numpy as np
 import pytest
 
 from cluster.catalog import Catalog, FileBatch

@@ -1,4 +1,3 @@
-import json
 
 import faiss
 import numpy as np
