@@ -22,20 +22,28 @@ def num_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 
 
-def detect_gpus(configured: Sequence[Any] = ()) -> list[Device]:
-    """GPUs for the shard plan: the configured ones (name, memory), else the cards FAISS sees."""
-    if configured:
-        return [Device(g.name, "gpu", int(g.memory), i) for i, g in enumerate(configured)]
-    n = num_gpus()
-    if n == 0:
+def cuda_cards() -> list[Device]:
+    """The CUDA cards torch sees, each with its free memory (``torch.cuda.mem_get_info``)."""
+    try:
+        import torch
+    except ImportError:
         return []
-    import torch
-
+    if not torch.cuda.is_available():
+        return []
     devs = []
-    for i in range(n):
+    for i in range(torch.cuda.device_count()):
         free, _total = torch.cuda.mem_get_info(i)
         devs.append(Device(torch.cuda.get_device_name(i), "gpu", int(free), i))
     return devs
+
+
+def detect_gpus(configured: Sequence[Any] = ()) -> list[Device]:
+    """GPUs for the shard plan: the configured ones (name, memory), else the cards FAISS can use."""
+    if configured:
+        return [Device(g.name, "gpu", int(g.memory), i) for i, g in enumerate(configured)]
+    if num_gpus() == 0:
+        return []
+    return cuda_cards()[:num_gpus()]
 
 
 def resources(gpu_id: int) -> Any:

@@ -12,6 +12,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ROOT = Path(__file__).resolve().parent.parent
 CRANFIELD = ROOT.parent / "shared" / "data" / "cranfield"
 
+# tests/gpu runs only from scripts/gpu_check.sh, so CPU runs show no skips for it
+collect_ignore = [] if os.environ.get("SHOAL_GPU_CHECK") == "1" else ["gpu"]
+
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run long soak tests")

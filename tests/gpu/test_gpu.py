@@ -1,0 +1,230 @@
+"""The GPU paths on real cards: embedding, actors per GPU, shard plan, FAISS on GPU.
+
+Run by scripts/gpu_check.sh (SHOAL_GPU_CHECK=1); not part of the default suite.
+"""
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _faiss_gpus() -> int:
+    try:
+        from index.gpu import num_gpus
+    except ImportError:
+        return 0
+    return num_gpus()
+
+
+needs_cuda = pytest.mark.skipif(not _has_cuda(), reason="no GPU present: torch.cuda.is_available() is False")
+needs_faiss_gpu = pytest.mark.skipif(
+    _faiss_gpus() == 0, reason="FAISS sees no GPU here (faiss-cpu installed, or faiss-gpu with no card)")
+
+
+def test_devices(report):
+    """What this machine has: cards seen by torch, GPUs seen by FAISS."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    report("torch", torch.__version__, f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build")
+    report("cards (torch)", n, "no GPU present" if n == 0 else "")
+    for i in range(n):
+        free, total = torch.cuda.mem_get_info(i)
+        assert 0 < free <= total
+        report(f"card {i}", torch.cuda.get_device_name(i), f"{total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+    try:
+        import faiss
+
+        from index.gpu import num_gpus
+
+        report("faiss", faiss.__version__, f"{num_gpus()} GPU(s) seen by FAISS"
+               + ("" if hasattr(faiss, "StandardGpuResources") else ": CPU-only build"))
+    except ImportError:
+        report("faiss", "not installed", "FAISS checks skipped")
+
+
+@needs_cuda
+def test_encode_on_gpu_equals_cpu(report, model_name, texts):
+    """The same model on the card and on the CPU gives the same vectors; chunks/s on the card."""
+    import torch
+
+    from workers.embed import encode, load_model
+
+    gpu = load_model(model_name, device="cuda", max_seq_length=256)
+    cpu = load_model(model_name, device="cpu", max_seq_length=256)
+    assert gpu.device == "cuda" and cpu.device == "cpu"
+    assert gpu.fingerprint == cpu.fingerprint
+    xg, xc = encode(texts[:64], gpu, 64), encode(texts[:64], cpu, 64)
+    cos = (xg * xc).sum(1)
+    assert cos.min() > 0.999, f"GPU and CPU embeddings differ: min cosine {cos.min():.5f}"
+    report("embed GPU vs CPU", f"min cos {cos.min():.6f}", "64 passages, same model, fp32")
+    rates = {}
+    for bs in (64, 128, 256):
+        encode(texts[:bs], gpu, bs)  # warm-up: kernels, allocator
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        encode(texts, gpu, bs)
+        torch.cuda.synchronize()
+        rates[bs] = len(texts) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    encode(texts[:128], cpu, 64)
+    cpu_rate = 128 / (time.perf_counter() - t0)
+    best = max(rates, key=rates.get)
+    report("embed chunks/s (GPU)", f"{rates[best]:,.0f}",
+           f"batch {best}; " + ", ".join(f"b{b}: {r:,.0f}" for b, r in rates.items())
+           + f"; 2,048 passages of 120-200 words, {torch.cuda.get_device_name(0)}")
+    report("embed chunks/s (CPU here)", f"{cpu_rate:,.0f}", f"{os.cpu_count()} cores; GPU/CPU = {rates[best] / cpu_rate:.0f}x")
+
+
+@needs_cuda
+def test_embed_actors_one_per_gpu(report, model_name, texts):
+    """ingest's EmbedPool puts one num_gpus=1 actor on each card, each computing on its card."""
+    pytest.importorskip("ray", reason="ray is not installed here")
+    import ray
+    import torch
+
+    from cluster.config import load_config
+    from cluster.ingest import EmbedPool
+    from cluster.ray_env import init_ray
+
+    n = torch.cuda.device_count()
+    cfg = load_config(ROOT / "configs" / "test.yaml")
+    cfg = replace(cfg, model=replace(cfg.model, name=model_name, device="auto"))
+    init_ray(num_cpus=n + 2, num_gpus=n)
+    try:
+        pool = EmbedPool(cfg)
+        pool.start()
+        infos = pool.info
+        assert len(infos) == n
+        assert all(i["device"] == "cuda" for i in infos), infos
+        assert sorted(i["cuda_visible_devices"] for i in infos) == [str(g) for g in range(n)]
+        batches = [texts[i:i + 256] for i in range(0, len(texts), 256)]
+        got = 0
+
+        def take() -> None:
+            nonlocal got
+            nb, xb, _ = pool.wait_one()
+            assert xb.shape == (nb, infos[0]["dim"])
+            got += nb
+
+        t0 = time.perf_counter()
+        for b in batches:
+            while pool.full():
+                take()
+            pool.submit(b, len(b))
+        while pool.pending():
+            take()
+        dt = time.perf_counter() - t0
+        assert got == len(texts)
+        pool.shutdown()
+        report("embed actors", f"{n} on {n} card(s)",
+               "; ".join(f"pid {i['pid']} CUDA_VISIBLE_DEVICES={i['cuda_visible_devices']} batch {i['batch_size']}"
+                         for i in infos))
+        report("embed chunks/s (Ray actors)", f"{got / dt:,.0f}", "EmbedPool, 256-text batches, Ray overhead included")
+    finally:
+        ray.shutdown()
+
+
+@needs_cuda
+def test_shard_plan_from_real_cards(report):
+    """The plan made from the cards' own memory: one shard per card, sized by memory."""
+    import torch
+
+    from index.gpu import cuda_cards
+    from index.shards import bytes_per_vector, plan_shards
+
+    devs = cuda_cards()
+    assert len(devs) == torch.cuda.device_count()
+    d, factory = 384, "IVF65536,Flat"
+    usable = sum(g.memory_bytes for g in devs) * 0.8
+    n = int(0.9 * usable / bytes_per_vector(factory, d))  # as many vectors as the cards can hold
+    specs = plan_shards(n, d, factory, devs, cpu_memory_bytes=64 << 30)
+    assert [s.gpu_id for s in specs] == list(range(len(devs)))
+    assert all(s.placement == "gpu" for s in specs)
+    total_mem = sum(g.memory_bytes for g in devs)
+    for s, g in zip(specs, devs):
+        assert abs((s.i1 - s.i0) / n - g.memory_bytes / total_mem) < 1e-3
+        report(f"plan shard {s.shard}", f"{s.i1 - s.i0:,} vectors", s.reason)
+    report("plan capacity", f"{n / 1e6:,.0f}M x {d}", f"{factory} on {len(devs)} card(s), 20% reserve")
+
+
+def _clustered(n: int, d: int, seed: int) -> np.ndarray:
+    rs = np.random.default_rng(seed)
+    centers = rs.standard_normal((256, d)).astype(np.float32)
+    x = centers[rs.integers(0, 256, n)] + 0.3 * rs.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@needs_faiss_gpu
+def test_gpu_search_equals_cpu(report):
+    """index_cpu_to_gpu shards: the same ids as the CPU search at the same nprobe."""
+    import faiss
+
+    from index.factory import make_index
+    from index.gpu import num_gpus, to_gpu
+
+    d, nb, nq, k, nprobe = 384, 200_000, 1_000, 10, 16
+    xb, xq = _clustered(nb, d, 1), _clustered(nq, d, 2)
+    cpu = make_index("IVF1024,Flat", d)
+    cpu.train(xb[:65_536])
+    cpu.add_with_ids(xb, np.arange(nb, dtype=np.int64))
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    t0 = time.perf_counter()
+    Dc, Ic = cpu.search(xq, k, params=params)
+    t_cpu = time.perf_counter() - t0
+    n = num_gpus()
+    shards = faiss.IndexShards(d, True, False)
+    per = nb // n
+    gpu_parts = []
+    for g in range(n):  # one shard per card, each a copy of the trained index with its id range
+        part = faiss.clone_index(cpu)
+        part.reset()
+        i1 = nb if g == n - 1 else (g + 1) * per
+        part.add_with_ids(xb[g * per:i1], np.arange(g * per, i1, dtype=np.int64))
+        gpu_parts.append(to_gpu(part, g))
+        shards.add_shard(gpu_parts[-1])
+    shards.search(xq[:10], k, params=params)  # warm-up
+    t0 = time.perf_counter()
+    Dg, Ig = shards.search(xq, k, params=params)  # nprobe per call, through IndexShards to each GPU shard
+    t_gpu = time.perf_counter() - t0
+    same = np.mean([len(set(a) & set(b)) / k for a, b in zip(Ic, Ig)])
+    assert same >= 0.99, f"GPU and CPU top-{k} overlap {same:.4f}"
+    report("GPU search == CPU", f"{same:.4f} top-10 overlap", f"IVF1024,Flat, nprobe {nprobe}, {n} GPU shard(s)")
+    report("search q/s", f"GPU {nq / t_gpu:,.0f} / CPU {nq / t_cpu:,.0f}", f"{nb:,} x {d}, {nq} queries")
+
+
+@needs_faiss_gpu
+def test_gpu_kmeans(report):
+    """The coarse quantizer trained on the GPUs, as a build does."""
+    import faiss
+
+    from index.factory import make_index
+    from index.gpu import use_gpu_clustering
+
+    d, n = 384, 262_144
+    xt = _clustered(n, d, 3)
+    index = make_index("IVF4096,Flat", d)
+    assert use_gpu_clustering(index)
+    t0 = time.perf_counter()
+    index.train(xt)
+    t_gpu = time.perf_counter() - t0
+    assert index.is_trained
+    km = faiss.Kmeans(d, 4096, niter=10, seed=1, gpu=False)
+    t0 = time.perf_counter()
+    km.train(xt[:65_536])
+    t_cpu = (time.perf_counter() - t0) * (n / 65_536)
+    report("k-means 4096 x 384", f"GPU {t_gpu:.1f} s", f"{n:,} points; CPU ~{t_cpu:.0f} s (extrapolated from 1/4)")
