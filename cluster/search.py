@@ -65,11 +65,9 @@ class Searcher:
         self.gen_dir, self.manifest = generations.open_current(data)
         generations.verify(self.gen_dir, self.manifest)
         try:
-            self.index = LoadedGeneration(self.gen_dir, self.manifest)
+            self.index = LoadedGeneration(self.gen_dir, self.manifest, k_factor=cfg.index.refine_k_factor)
         except RuntimeError as e:
             raise CorruptFileError(f"cannot read the index in {self.gen_dir}: {str(e).splitlines()[-1]}") from e
-        self.nprobe = int(self.manifest.get("nprobe", cfg.index.nprobe))
-        self.index.set_nprobe(self.nprobe, cfg.index.refine_k_factor)
         if lm is None:
             from workers.embed import load_model
 
@@ -99,13 +97,7 @@ class Searcher:
 
     def search_vectors(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """D, I of size (nq, k) from the index (ids may include deleted chunks)."""
-        if nprobe is not None:
-            self.index.set_nprobe(nprobe, self.cfg.index.refine_k_factor)
-        try:
-            return self.index.search(np.ascontiguousarray(xq, dtype=np.float32), k)
-        finally:
-            if nprobe is not None:
-                self.index.set_nprobe(self.nprobe, self.cfg.index.refine_k_factor)
+        return self.index.search(xq, k, nprobe=nprobe)
 
     def hits(self, D: np.ndarray, I: np.ndarray, k: int) -> list[list[Hit]]:
         """Map ids to catalog rows; ids no longer in the catalog are dropped."""

@@ -43,9 +43,8 @@ def sweep(gen: LoadedGeneration, xq: np.ndarray, Igt: np.ndarray, k: int, nlist:
     """Recall@k for growing nprobe until ``target`` is reached (or nlist)."""
     points = []
     for nprobe in nprobe_candidates(nlist):
-        gen.set_nprobe(nprobe)
         t0 = time.perf_counter()
-        _, I = gen.search(xq, k)
+        _, I = gen.search(xq, k, nprobe=nprobe)
         ms = (time.perf_counter() - t0) * 1000 / len(xq)
         points.append(TunePoint(nprobe, recall_at_k(I, Igt, k), ms))
         if points[-1].recall >= target:

@@ -94,23 +94,38 @@ def add_in_blocks(index: faiss.Index, xb: np.ndarray, ids: np.ndarray, bs: int =
         index.add_with_ids(np.ascontiguousarray(xb[i0:i0 + bs], dtype=np.float32), ids[i0:i0 + bs])
 
 
-def set_nprobe(index: faiss.Index, nprobe: int, k_factor: float = 0) -> None:
-    """Set nprobe on every IVF layer found (plain, sharded, wrapped, on GPU), and a refine k_factor."""
-    index = faiss.downcast_index(index)
-    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        inner = faiss.downcast_index(index.index)
-        if isinstance(inner, faiss.IndexRefine) and k_factor:
-            inner.k_factor = k_factor
-    if hasattr(faiss, "GpuIndexIVF") and isinstance(index, faiss.GpuIndexIVF):
-        index.nprobe = nprobe  # setNumProbes on the GPU copy
-        return
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.nprobe = nprobe
-        return
-    if isinstance(index, (faiss.IndexShards, faiss.IndexReplicas)):
-        for i in range(index.count()):
-            set_nprobe(index.at(i), nprobe, k_factor)
+def search_params(index: faiss.Index, nprobe: int, k_factor: float = 0,
+                  sel: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
+    """Per-call search parameters for ``index``: IVF nprobe, refine k_factor, an IDSelector.
+
+    Nothing on the index changes, so concurrent searches with different
+    settings never see each other's (Ray Serve runs sync methods in a thread
+    pool). IndexShards and IndexIDMap2 pass the parameters on to every shard;
+    the shards of a generation share one structure, so the first one decides.
+    A selector is only honoured by CPU indexes without a refine stage: the
+    caller passes one only there (see LoadedGeneration.search).
+    """
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, (faiss.IndexShards, faiss.IndexReplicas)) and inner.count():
+        inner = faiss.downcast_index(inner.at(0))
+    if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        inner = faiss.downcast_index(inner.index)
+    refine = isinstance(inner, faiss.IndexRefine)
+    base = faiss.downcast_index(inner.base_index) if refine else inner
+    is_ivf = faiss.try_extract_index_ivf(base) is not None or (
+        hasattr(faiss, "GpuIndexIVF") and isinstance(base, faiss.GpuIndexIVF))
+    p: faiss.SearchParameters | None = None
+    if is_ivf:
+        p = faiss.SearchParametersIVF(nprobe=int(nprobe))
+    if refine:
+        rp = faiss.IndexRefineSearchParameters(k_factor=float(k_factor or inner.k_factor), base_index_params=p)
+        rp._base = p  # keep the base parameters alive as long as the wrapper
+        p = rp
+    if sel is not None:
+        p = p if p is not None else faiss.SearchParameters()
+        p.sel = sel
+        p._sel = sel  # keep the selector alive as long as the params
+    return p
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:

@@ -7,21 +7,22 @@ import numpy as np
 
 
 def search_merged(main: faiss.Index, delta: faiss.Index | None, deleted: np.ndarray, xq: np.ndarray,
-                  k: int, allowed: np.ndarray | None = None,
-                  params: faiss.SearchParameters | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  k: int, allowed: np.ndarray | None = None, params: faiss.SearchParameters | None = None,
+                  selected: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """D, I of size (nq, k), inner product (larger is better), deleted ids never returned.
 
     ``main`` and ``delta`` are searched for k + len(deleted) candidates (capped)
     so that masking deleted ids still leaves k hits; results are merged with
     FAISS's ResultHeap. Missing hits are (-inf, -1). ``allowed`` (sorted ids)
-    restricts the hits: inside FAISS through ``params`` (an IDSelector) where
-    the caller could build one, and by over-fetching and filtering otherwise,
-    so a non-matching id is never returned on any path.
+    restricts the hits: inside FAISS where ``params`` carries an IDSelector
+    (``selected``), and by over-fetching and filtering otherwise, so a
+    non-matching id is never returned on any path. ``params`` (nprobe,
+    k_factor) apply to ``main``; the delta index is exact.
     """
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     nq = len(xq)
     fetch = k + min(len(deleted), 1024)
-    if allowed is not None and params is None:
+    if allowed is not None and not selected:
         fetch = max(fetch, 8 * k)  # selector-less path (IndexShards, GPU): over-fetch, then filter
     heap = faiss.ResultHeap(nq, k, keep_max=True)
     for index in (main, delta):
@@ -49,7 +50,8 @@ class LoadedGeneration:
     always searched by CPU threads). Where each one ended up is in ``devices``.
     """
 
-    def __init__(self, gen_dir, manifest, *, use_gpu: bool = True, group: int = 0, n_groups: int = 1) -> None:
+    def __init__(self, gen_dir, manifest, *, use_gpu: bool = True, group: int = 0, n_groups: int = 1,
+                 k_factor: float = 0) -> None:
         import logging
 
         from index.gpu import num_gpus, to_gpu
@@ -57,6 +59,8 @@ class LoadedGeneration:
 
         log = logging.getLogger(__name__)
         self.manifest = manifest
+        self.nprobe = int(manifest.get("nprobe", 1))  # defaults for a search that names none
+        self.k_factor = float(k_factor)
         self.devices: list[str] = []
         shards = []
         n_gpu = num_gpus() if use_gpu else 0
@@ -94,29 +98,31 @@ class LoadedGeneration:
     def ntotal(self) -> int:
         return int(self.main.ntotal + (self.delta.ntotal if self.delta is not None else 0) - len(self.deleted))
 
-    def set_nprobe(self, nprobe: int, k_factor: float = 0) -> None:
-        from index.factory import set_nprobe
-
-        for s in self._shards:
-            set_nprobe(s, nprobe, k_factor)
-
-    def selector_params(self, allowed: np.ndarray) -> faiss.SearchParameters | None:
-        """An IDSelector for a single CPU shard; None where FAISS would ignore it (shards, GPU)."""
+    def _selector(self, allowed: np.ndarray) -> faiss.IDSelector | None:
+        """An IDSelector where FAISS honours one (a single CPU shard, no refine, no delta), else None."""
         if len(self._shards) != 1 or not self.devices[0].startswith("cpu") or self.delta is not None:
             return None
-        sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-        ivf = faiss.try_extract_index_ivf(self.main)
-        if ivf is not None:
-            p = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
-        else:
-            p = faiss.SearchParameters(sel=sel)
-        p._sel = sel  # keep the selector alive as long as the params
-        return p
+        inner = faiss.downcast_index(self.main)
+        if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            inner = faiss.downcast_index(inner.index)
+        if isinstance(inner, faiss.IndexRefine):
+            return None
+        return faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
 
-    def search(self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """D, I of size (nq, k); ``allowed`` (sorted ids) filters the hits."""
-        params = self.selector_params(allowed) if allowed is not None else None
-        return search_merged(self.main, self.delta, self.deleted, xq, k, allowed, params)
+    def search(self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None, *,
+               nprobe: int | None = None, k_factor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """D, I of size (nq, k); ``allowed`` (sorted ids) filters the hits.
+
+        nprobe and k_factor (defaults: the manifest's nprobe, the configured
+        k_factor) go into per-call SearchParameters: the loaded index is never
+        changed by a search, so concurrent searches cannot disturb each other.
+        """
+        from index.factory import search_params
+
+        sel = self._selector(allowed) if allowed is not None else None
+        params = search_params(self.main, nprobe or self.nprobe, k_factor or self.k_factor, sel)
+        return search_merged(self.main, self.delta, self.deleted, np.ascontiguousarray(xq, dtype=np.float32),
+                             k, allowed, params, selected=sel is not None)
 
     def live_ids(self) -> np.ndarray:
         """Every id a search can return, sorted (for consistency checks)."""

@@ -95,8 +95,8 @@ class ShardSearcher:
                 return False
             gen_dir, m = generations.open_current(self.data)
             generations.verify(gen_dir, m)
-            gen = LoadedGeneration(gen_dir, m, group=self.group, n_groups=self.n_groups)
-            gen.set_nprobe(int(m["nprobe"]), self.refine_k_factor)
+            gen = LoadedGeneration(gen_dir, m, group=self.group, n_groups=self.n_groups,
+                                   k_factor=self.refine_k_factor)
         except Exception as e:  # keep serving the last good generation
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("shard group %d: cannot load the new generation, still serving %s: %s", self.group,
@@ -118,15 +118,10 @@ class ShardSearcher:
     def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None,
                allowed: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, str]:
         """D, I of size (nq, k) from this group, and the generation that answered."""
-        assert self.current is not None
-        name, gen, m = self.current
-        if nprobe is not None:
-            gen.set_nprobe(nprobe, self.refine_k_factor)
-        try:
-            D, I = gen.search(np.asarray(xq, dtype=np.float32), k, allowed)
-        finally:
-            if nprobe is not None:
-                gen.set_nprobe(int(m["nprobe"]), self.refine_k_factor)
+        if self.current is None:
+            raise RuntimeError(f"shard group {self.group} has no generation loaded")
+        name, gen, _m = self.current  # one reference read: a swap mid-request cannot mix generations
+        D, I = gen.search(xq, k, allowed, nprobe=nprobe)  # per-call parameters: safe in Serve's thread pool
         return D, I, name
 
     def reload_now(self) -> Optional[str]:

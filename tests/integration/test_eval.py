@@ -56,7 +56,7 @@ def test_ivf_sharded_on_disk_matches_exact(slice_eval, lm):
     nprobe, points = tune(ivf, target=0.99, nq=200)
     s = Searcher(ivf, lm=lm)
     assert s.manifest["factory"] == "IVF8,Flat" and len(s.manifest["shards"]) == 2
-    assert s.index.devices == ["cpu-ondisk", "cpu-ondisk"] and s.nprobe == nprobe
+    assert s.index.devices == ["cpu-ondisk", "cpu-ondisk"] and s.index.nprobe == nprobe
     ivf_runs = eval_beir.in_process_runs(ivf, queries, ["dense"], searcher=s)
     s.close()
     a = eval_beir.mean(eval_beir.evaluate(qrels, exact_runs["dense"]))["ndcg_cut_10"]

@@ -59,9 +59,7 @@ def filled(tmp_path):
 
 def open_live(cfg):
     gen_dir, m = generations.open_current(cfg.data_path)
-    g = LoadedGeneration(gen_dir, m)
-    g.set_nprobe(m["nprobe"])
-    return g, m
+    return LoadedGeneration(gen_dir, m), m
 
 
 def test_sharded_equals_single_id_for_id(filled):
@@ -117,12 +115,11 @@ def test_pq_refine_recall(tmp_path):
         ids = add_files(cat, cfg.data_path, xb)
         build_generation(cfg, cat)
     g, m = open_live(cfg)
-    g.set_nprobe(16, 8)
     xq = clustered(300, seed=9)
     exact = faiss.IndexFlatIP(D)
     exact.add(xb)
     _, Igt = exact.search(xq, 10)
-    _, I = g.search(xq, 10)
+    _, I = g.search(xq, 10, nprobe=16, k_factor=8)
     assert recall_at_k(I, ids[Igt], 10) >= 0.90
 
 
@@ -212,3 +209,41 @@ def test_killed_build_leaves_old_generation(filled, tmp_path):
     # the next build cleans the half-written folder and finishes the work
     build_generation(cfg, cat)
     assert not any(x.name.startswith(".tmp-") for x in (cfg.data_path / "generations").iterdir())
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,PQ16,RFlat"])
+def test_concurrent_searches_with_mixed_settings_equal_alone(tmp_path, factory):
+    """64 concurrent searches (nprobe 1/8/64, k_factor 1/8, filtered or not) each equal the same search alone.
+
+    Searches run in threads that overlap inside FAISS (it releases the GIL), as
+    in Ray Serve's thread pool; settings travel per call, never on the index.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = make_cfg(tmp_path, factory=factory, nprobe=8, refine_k_factor=4,
+                   gpus=(GpuSpec("a", 16 << 30), GpuSpec("b", 8 << 30)))
+    with Catalog(cfg.data_path / "catalog.sqlite") as cat:
+        cat.set_meta("model", json.dumps({"name": "s", "fingerprint": "sha256:s", "dim": D}))
+        ids = add_files(cat, cfg.data_path, clustered(12_000))
+        build_generation(cfg, cat)
+    g, _ = open_live(cfg)
+    assert isinstance(faiss.downcast_index(g.main), faiss.IndexShards)  # two shards, as on two cards
+    xq = clustered(64, seed=5)
+    allowed = np.sort(ids[::3])
+    jobs = [(i, (1, 8, 64)[i % 3], (1, 8)[i % 2], allowed if i % 4 == 0 else None) for i in range(64)]
+
+    def run(job):
+        i, nprobe, kf, alw = job
+        return g.search(xq[i:i + 1], 10, alw, nprobe=nprobe, k_factor=kf)
+
+    alone = [run(j) for j in jobs]
+    for _ in range(3):
+        with ThreadPoolExecutor(32) as pool:
+            together = list(pool.map(run, jobs))
+        for (i, nprobe, kf, alw), (Da, Ia), (Dt, It) in zip(jobs, alone, together):
+            assert np.array_equal(Ia, It), f"query {i} nprobe {nprobe} k_factor {kf} differs under concurrency"
+            assert np.allclose(Da, Dt)
+            if alw is not None:
+                assert np.isin(It[It >= 0], alw).all()
+    # the settings changed the answers (the test could fail): nprobe 1 and 64 differ somewhere
+    assert any(not np.array_equal(alone[i][1], alone[i + 2][1]) for i in range(0, 60, 6))

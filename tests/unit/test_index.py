@@ -5,7 +5,7 @@ import pytest
 
 from cluster.errors import ConfigError, CorruptFileError, ShoalError
 from index import generations, staging
-from index.factory import add_in_blocks, choose_factory, nlist_for, set_nprobe, train_index, train_sample
+from index.factory import add_in_blocks, choose_factory, nlist_for, search_params, train_index, train_sample
 
 
 def clustered(n, d=32, nc=50, seed=0):
@@ -48,8 +48,7 @@ def test_index_recall_against_exact(factory):
     _, Igt = gt.search(xq, 10)
     index = train_index(factory, train_sample(xb, factory))
     add_in_blocks(index, xb, ids, bs=1000)
-    set_nprobe(index, 16)
-    _, I = index.search(xq, 10)
+    _, I = index.search(xq, 10, params=search_params(index, 16))
     recall = np.mean([len(set(I[i]) & set(ids[Igt[i]])) / 10 for i in range(len(xq))])
     assert recall >= (0.999 if factory == "Flat" else 0.9), recall
 
