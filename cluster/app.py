@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import Config, config_from_dict
 from cluster.search import MAX_K, MAX_QUERY_CHARS
-from index.fusion import rrf_fuse
+from index.fusion import fuse
 from workers.serving import QueryEncoder, Reranker, ShardSearcher, gather_groups, percentiles
 
 log = logging.getLogger(__name__)
@@ -132,11 +132,12 @@ def build_app(args: AppArgs) -> Any:
 
     sv, m = cfg.serve, cfg.model
     groups, gpus_per_group = plan_groups(cfg)
+    enc_device, enc_gpus = encoder_placement(sv.encoder_device, sv.encoder_gpu_fraction, _cluster_gpus())
     encoder = QueryEncoder.options(
-        num_replicas=sv.encoder_replicas, ray_actor_options={"num_cpus": sv.num_cpus_encoder},
+        num_replicas=sv.encoder_replicas, ray_actor_options={"num_cpus": sv.num_cpus_encoder, "num_gpus": enc_gpus},
         max_ongoing_requests=sv.max_ongoing_requests,
         user_config={"max_batch_size": sv.max_batch_size, "batch_wait_timeout_s": sv.batch_wait_timeout_s},
-    ).bind(m.name, m.max_seq_length, "cpu", m.allow_download, 0)
+    ).bind(m.name, m.max_seq_length, enc_device, m.allow_download, 0)
     searchers = [
         ShardSearcher.options(
             name=f"ShardSearcher{g}", num_replicas=sv.searcher_replicas,
@@ -146,10 +147,26 @@ def build_app(args: AppArgs) -> Any:
         for g in range(groups)
     ]
     reranker = Reranker.options(ray_actor_options={"num_cpus": sv.num_cpus_reranker}).bind(
-        sv.rerank_model, m.name, m.max_seq_length, m.allow_download)
+        sv.rerank_model, m.allow_download) if sv.rerank_model else None
     return Ingress.options(ray_actor_options={"num_cpus": sv.num_cpus_ingress},
                            max_ongoing_requests=sv.max_ongoing_requests).bind(
         encoder, searchers, reranker, args.cfg)
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def encoder_placement(device: str, gpu_fraction: float, cluster_gpus: float) -> tuple[str, float]:
+    """(device, num_gpus) for the QueryEncoder: a fraction of a GPU where asked ("auto"/"cuda") and the
+    cluster has one, else the CPU (with a warning when "cuda" was asked of a cluster without GPUs)."""
+    if device == "cpu" or cluster_gpus <= 0:
+        if device == "cuda":
+            log.warning("serve.encoder_device is cuda but the Ray cluster has no GPU: encoding on the CPU")
+        return "cpu", 0.0
+    return "cuda", float(gpu_fraction)
 
 
 def plan_groups(cfg: Config) -> tuple[int, float]:
@@ -176,8 +193,8 @@ api = make_api()
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, encoder: DeploymentHandle, searchers: list[DeploymentHandle], reranker: DeploymentHandle,
-                 cfg: dict[str, Any]) -> None:
+    def __init__(self, encoder: DeploymentHandle, searchers: list[DeploymentHandle],
+                 reranker: Optional[DeploymentHandle], cfg: dict[str, Any]) -> None:
         from cluster.catalog import Catalog
 
         self.cfg = config_from_dict(cfg)
@@ -212,7 +229,7 @@ class Ingress:
             gen_dir = generations.generations_dir(self.cfg.data_path) / name
             if not KeywordIndex.exists(gen_dir):
                 return None
-            self._kw = (name, KeywordIndex(gen_dir))
+            self._kw = (name, KeywordIndex.open(gen_dir, generations.read_manifest(gen_dir)))
         return self._kw[1]
 
     async def _encode(self, queries: list[str], mode: str, single: bool) -> Optional[np.ndarray]:
@@ -225,6 +242,10 @@ class Ingress:
     async def _search(self, queries: list[str], req: Any, xq: Optional[np.ndarray]) -> dict[str, Any]:
         k = req.k
         mode = req.mode or self.cfg.query.mode
+        if req.rerank and self.reranker is None:
+            from workers.rerank import RERANK_OFF
+
+            raise ServeError(409, RERANK_OFF)
         allowed = None
         if req.path_prefix or req.file_type:
             allowed = self.catalog.ids_matching(req.path_prefix, req.file_type)
@@ -248,8 +269,7 @@ class Ingress:
                 if mode == "keyword":
                     D, I = Dk, Ik
                 else:
-                    qc = self.cfg.query
-                    D, I = rrf_fuse([I, Ik], [qc.dense_weight, qc.keyword_weight], fetch, qc.rrf_k)
+                    D, I = fuse((D, I), (Dk, Ik), fetch, self.cfg.query)
         return await self._hits(queries, req, D, I, gens, missing, mode)
 
     async def _dense(self, xq: np.ndarray, fetch: int, req: Any, allowed: Optional[np.ndarray]) -> Any:
@@ -283,11 +303,12 @@ class Ingress:
             if req.rerank and hits:  # re-score the top serve.rerank_candidates; the rest keep their order after them
                 n = min(len(hits), self.cfg.serve.rerank_candidates)
                 head, tail = hits[:n], hits[n:]
+                from workers.rerank import rerank_order
+
                 scores = await self.reranker.rerank.remote(q, [h["text"] for h in head])
                 for h, s in zip(head, scores):
                     h["first_stage_score"], h["score"] = h["score"], float(s)
-                head.sort(key=lambda h: -h["score"])
-                hits = head + tail
+                hits = [head[i] for i in rerank_order(scores)] + tail
             hits = hits[:k]
             for r, h in enumerate(hits, 1):
                 h["rank"] = r

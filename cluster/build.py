@@ -109,7 +109,7 @@ def build_generation(cfg: Config, cat: Catalog, *, retrain: bool = False) -> str
         else:
             manifest = _build_main(cfg, cat, tmp, live, factory, d, mode, base_dir, base)
         if cfg.index.keyword:
-            manifest["keyword"] = _build_keyword(cat, tmp)
+            manifest["keyword"] = _build_keyword(cat, tmp, keyword_analysis(cfg))
     except RuntimeError as e:  # FAISS reports write failures (disk full, file too large) this way
         shutil.rmtree(tmp, ignore_errors=True)
         raise ShoalError(f"cannot write the new generation: {str(e).strip().splitlines()[-1]}; "
@@ -135,13 +135,35 @@ def build_generation(cfg: Config, cat: Catalog, *, retrain: bool = False) -> str
     return name
 
 
-def _build_keyword(cat: Catalog, tmp: Path) -> dict[str, Any]:
+def keyword_analysis(cfg: Config) -> Any:
+    from index.keyword import analysis_for
+
+    return analysis_for(cfg.index.keyword_language, cfg.index.keyword_stopwords)
+
+
+def keyword_stale(cfg: Config, manifest: Optional[dict[str, Any]]) -> bool:
+    """Whether the live generation's keyword index was built with other settings than the config's.
+
+    A build then rebuilds it; until then queries use the generation's own analysis, never a mix.
+    """
+    from index.keyword import Analysis
+
+    if manifest is None:
+        return False
+    has = bool(manifest.get("keyword"))
+    if has != cfg.index.keyword:
+        return True
+    return has and Analysis.from_manifest(manifest) != keyword_analysis(cfg)
+
+
+def _build_keyword(cat: Catalog, tmp: Path, analysis: Any) -> dict[str, Any]:
     from index.keyword import build_keyword_index
 
     t0 = time.perf_counter()
     ids, texts = cat.chunk_texts()
-    build_keyword_index(texts, ids, tmp)
-    return {"kind": "bm25s", "ntotal": len(ids), "build_seconds": round(time.perf_counter() - t0, 3)}
+    build_keyword_index(texts, ids, tmp, analysis)
+    return {"kind": "bm25s", "ntotal": len(ids), "analysis": analysis.as_dict(),
+            "build_seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _read_ids(gen_dir: Optional[Path]) -> Optional[np.ndarray]:

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("query", "search once and print the hits"),
                            ("search", "interactive search: type queries until `exit`")):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, help=helptext, description=helptext + ".", epilog=SCORE_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == "query":
             p.add_argument("text", help="the query")
             p.add_argument("--json", action="store_true", help="JSON output for scripts")
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default from the index)")
         p.add_argument("--full", action="store_true", help="show each hit's whole chunk, not a snippet")
         p.add_argument("--url", help="query a running `shoal serve` (e.g. http://127.0.0.1:8000) instead of the local index")
-        p.add_argument("--rerank", action="store_true", help="re-rank the hits (with --url)")
+        p.add_argument("--rerank", action="store_true",
+                       help="re-rank the top serve.rerank_candidates with the cross-encoder in serve.rerank_model")
         p.add_argument("--mode", choices=("dense", "keyword", "hybrid"), default=None,
                        help="dense vectors, BM25 keywords, or both fused (default query.mode)")
         _common(p)
@@ -112,6 +114,16 @@ def loopback_only_ray() -> None:
     if "ray" in sys.modules:
         log.warning("Ray was imported before its loopback-only mode could be set")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+SCORE_HELP = """\
+scores, by mode (higher is better):
+  hybrid   query.fusion convex (the default): alpha * dense + (1 - alpha) * keyword, each side
+           min-max normalised over its candidates: in [0, 1], 1 = the best hit of both sides
+           (query.fusion rrf: a reciprocal-rank score, at most 2/61 = 0.033)
+  dense    cosine similarity of query and chunk, in [-1, 1]
+  keyword  BM25 score, >= 0, unbounded (it grows with rare matching terms)
+  --rerank the cross-encoder's relevance logit (unbounded)"""
 
 
 def _print_hits(hits: Sequence[Any], full: bool, snippet_chars: int, out: Any = sys.stdout) -> None:
@@ -199,12 +211,12 @@ class RemoteSearcher:
         self.manifest = {"ntotal": "?"}
 
     def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None,
-               mode: Optional[str] = None) -> list[list[Any]]:
+               mode: Optional[str] = None, rerank: bool = False) -> list[list[Any]]:
         from cluster.search import Hit
 
         out = []
         for q in queries:
-            body: dict[str, Any] = {"q": q, "k": k, "full": self.full, "rerank": self.rerank}
+            body: dict[str, Any] = {"q": q, "k": k, "full": self.full, "rerank": self.rerank or rerank}
             if mode or self.mode:
                 body["mode"] = mode or self.mode
             if nprobe is not None:
@@ -246,7 +258,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     k = args.k or cfg.query.k
     s = _searcher(args, cfg)
     t0 = time.perf_counter()
-    [hits] = s.search([args.text], k=k, nprobe=args.nprobe, mode=args.mode)
+    [hits] = s.search([args.text], k=k, nprobe=args.nprobe, mode=args.mode, rerank=args.rerank)
     ms = (time.perf_counter() - t0) * 1000
     if args.json:
         print(json.dumps({"query": args.text, "k": k, "mode": args.mode or cfg.query.mode,
@@ -260,33 +272,17 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from cluster import interactive
+
     cfg = _config(args)
     k = args.k or cfg.query.k
     s = _searcher(args, cfg)
-    interactive = sys.stdin.isatty()
     print(f"shoal: {s.manifest['ntotal']} chunks, generation {s.generation}{' at ' + args.url if args.url else ''}. "
-          "Type a query; `exit`, `quit` or Ctrl-D to leave.", flush=True)
-    while True:
-        try:
-            line = input("shoal> " if interactive else "shoal> \n")
-        except EOFError:
-            print()
-            break
-        except KeyboardInterrupt:
-            print()
-            break
-        q = line.strip()
-        if not q:
-            continue
-        if q.lower() in ("exit", "quit", ":q"):
-            break
-        try:
-            t0 = time.perf_counter()
-            [hits] = s.search([q], k=k, nprobe=args.nprobe, mode=args.mode)
-            _print_hits(hits, args.full, cfg.query.snippet_chars)
-            print(f"  ({len(hits)} hits in {(time.perf_counter() - t0) * 1000:.0f} ms)", flush=True)
-        except ShoalError as e:
-            print(f"shoal: {e}", file=sys.stderr, flush=True)
+          "Type a query; `open N`, `full N`, `more`, `help`; `exit`, `quit` or Ctrl-D to leave.", flush=True)
+    session = interactive.Session(
+        s, k, dict(nprobe=args.nprobe, mode=args.mode, rerank=args.rerank),
+        show=lambda hits: _print_hits(hits, args.full, cfg.query.snippet_chars))
+    interactive.run(session, sys.stdin.isatty())
     s.close()
     return 0
 

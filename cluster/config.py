@@ -114,6 +114,8 @@ class IndexConfig:
     retrain_growth: float = 4.0  # `shoal reindex` is advised when ntotal > this x the training sample's base
     refine_k_factor: float = 4.0  # candidates re-scored exactly per hit, for factories ending in ",RFlat"
     keyword: bool = True  # build the BM25 keyword index (bm25s) beside the vectors, for keyword/hybrid search
+    keyword_language: str = "english"  # Snowball stemmer (PyStemmer) for BM25 terms; "none": no stemming
+    keyword_stopwords: str = "auto"  # "auto": the language's list ("none" for none); a language name; "none"
 
 
 @dataclass(frozen=True)
@@ -121,9 +123,12 @@ class QueryConfig:
     k: int = 10
     snippet_chars: int = 200
     mode: Literal["dense", "keyword", "hybrid"] = "hybrid"
-    rrf_k: float = 60.0  # reciprocal rank fusion constant
-    dense_weight: float = 1.0
-    keyword_weight: float = 1.0
+    fusion: Literal["rrf", "convex"] = "convex"  # hybrid: convex combination of normalised scores, or RRF
+    alpha: float = 0.6  # convex: weight of the dense side (1 - alpha: keyword); from Cranfield's tuning half
+    normalization: Literal["minmax", "zscore", "tmm"] = "minmax"  # convex: per side, over its candidates
+    rrf_k: float = 60.0  # rrf: reciprocal rank fusion constant
+    dense_weight: float = 1.0  # rrf: weight of the dense ranking
+    keyword_weight: float = 1.0  # rrf: weight of the keyword ranking
     fusion_candidates: int = 100  # hits taken from each side before fusing
 
 
@@ -146,7 +151,9 @@ class ServeConfig:
     reload_interval_s: float = 2.0  # how often replicas look for a new generation
     max_ongoing_requests: int = 128  # per replica; Serve's default (5) queues and backs off under load
     searcher_threads: int = 1  # FAISS OpenMP threads per ShardSearcher replica (many small searches at once)
-    rerank_model: Optional[str] = None  # a cross-encoder directory; None: the bi-encoder scores the chunks
+    rerank_model: Optional[str] = None  # a cross-encoder directory (AutoModelForSequenceClassification); None: off
+    encoder_device: Literal["auto", "cpu", "cuda"] = "auto"  # QueryEncoder: auto = a GPU where the cluster has one
+    encoder_gpu_fraction: float = 0.25  # of a GPU for the QueryEncoder, so it can share a card with a searcher
     rerank_candidates: int = 50
 
 
@@ -200,6 +207,8 @@ def _check_values(cfg: Config) -> None:
                    "query.snippet_chars": cfg.query.snippet_chars}.items():
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v!r}")
+    if not 0 < cfg.serve.encoder_gpu_fraction <= 1:
+        raise ConfigError(f"serve.encoder_gpu_fraction: must be in (0, 1], got {cfg.serve.encoder_gpu_fraction!r}")
     for key, v in {"index.gpu_reserve_fraction": cfg.index.gpu_reserve_fraction,
                    "index.delta_max_fraction": cfg.index.delta_max_fraction}.items():
         if not 0 <= v < 1:
@@ -210,6 +219,17 @@ def _check_values(cfg: Config) -> None:
             f"query: rrf_k and fusion_candidates must be > 0 and weights >= 0, got rrf_k={q.rrf_k!r}, "
             f"fusion_candidates={q.fusion_candidates!r}, dense_weight={q.dense_weight!r}, "
             f"keyword_weight={q.keyword_weight!r}")
+    if not 0 <= q.alpha <= 1:
+        raise ConfigError(f"query.alpha: must be in [0, 1], got {q.alpha!r}")
+    from index.keyword import analysis_for
+
+    try:
+        analysis_for(cfg.index.keyword_language, cfg.index.keyword_stopwords)
+    except ValueError as e:
+        key = "index.keyword_stopwords" if "stop-word" in str(e) else "index.keyword_language"
+        raise ConfigError(f"{key}: {e}") from e
+    except ImportError as e:
+        raise ConfigError("index.keyword_language: stemming needs PyStemmer: pip install PyStemmer") from e
     if cfg.index.retrain_growth <= 1:
         raise ConfigError(f"index.retrain_growth: must be > 1, got {cfg.index.retrain_growth!r}")
     if cfg.index.refine_k_factor < 1:

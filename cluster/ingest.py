@@ -47,6 +47,7 @@ class IngestReport:
     chunks_added: int = 0
     chunks_removed: int = 0
     bytes_read: int = 0
+    bytes_done: int = 0  # bytes of files finished: committed, unchanged or skipped (the progress measure)
     batches: int = 0
     embed_seconds: float = 0.0
     seconds: float = 0.0
@@ -99,8 +100,9 @@ class EmbedPool:
     embed never starts Ray.
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, run: str = "") -> None:
         self.cfg = cfg
+        self.run, self.job = run, ""
         self.actors: list[Any] = []
         self.info: list[dict[str, Any]] = []
         self.inflight: dict[Any, tuple[int, Any, float, int]] = {}  # ref -> (actor idx, payload, t0, seq)
@@ -128,9 +130,12 @@ class EmbedPool:
             threads = torch_threads_for(e.cpu_actors, e.threads_per_actor)
             device, batch = "cpu", m.batch_size
             log.info("no GPU in the Ray cluster: embedding on %d CPU actor(s), %d threads each", e.cpu_actors, threads)
-        self.actors = [
-            EmbedActor.options(**o).remote(m.name, device, m.max_seq_length, batch, threads, m.allow_download)
-            for o in opts
+        job = self.job = ray.get_runtime_context().get_job_id()
+        kind = "gpu" if n_gpus > 0 else "cpu"
+        self.actors = [  # named per slot and run; the card each one got is in its repr and labels
+            EmbedActor.options(name=f"shoal-embed-{kind}{i}-run{self.run or job}", **o).remote(
+                m.name, device, m.max_seq_length, batch, threads, m.allow_download, self.run, job)
+            for i, o in enumerate(opts)
         ]
         self.info = ray.get([a.info.remote() for a in self.actors])
         fps = {i["fingerprint"] for i in self.info}
@@ -154,6 +159,13 @@ class EmbedPool:
         self.load[i] += 1
         self.inflight[ref] = (i, payload, time.perf_counter(), self.next_submit)
         self.next_submit += 1
+        self._gauge()
+
+    def _gauge(self) -> None:
+        from workers.metrics import ingest_metrics
+
+        ingest_metrics().inflight_batches.set(len(self.inflight) + len(self.done),
+                                              tags={"job": self.job, "run": self.run})
 
     def pending(self) -> bool:
         return bool(self.inflight or self.done)
@@ -174,6 +186,7 @@ class EmbedPool:
             self.done[seq] = (payload, ray.get(ref), time.perf_counter() - t0)
         out = self.done.pop(self.next_commit)
         self.next_commit += 1
+        self._gauge()
         return out
 
     def shutdown(self) -> None:
@@ -185,11 +198,17 @@ class EmbedPool:
 
 
 class Progress:
-    """A bar with rate and ETA on a terminal; plain lines every few seconds elsewhere (`ray job logs`)."""
+    """A bar with rate and ETA on a terminal; plain lines every few seconds elsewhere (`ray job logs`).
 
-    def __init__(self, out: Callable[[str], None], total_files: int = 0, every_s: float = 5.0,
-                 tty: Optional[bool] = None) -> None:
+    The fraction done is work, not scanning: the bytes of files whose chunks are
+    committed (embedded), or that needed no embedding (unchanged, skipped), over
+    the bytes under the roots. The ETA follows from it.
+    """
+
+    def __init__(self, out: Callable[[str], None], total_files: int = 0, total_bytes: int = 0,
+                 every_s: float = 5.0, tty: Optional[bool] = None) -> None:
         self.out, self.total, self.t0, self.last = out, total_files, time.perf_counter(), 0.0
+        self.total_bytes = total_bytes
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.every_s = 0.2 if self.tty else every_s
         self.pushed: Optional[dict[str, Any]] = None
@@ -202,12 +221,17 @@ class Progress:
         self.pushed = push_metrics(r, self.pushed)
         el = now - self.t0
         rate = r.chunks_added / el if el else 0.0
-        frac = min(1.0, r.files_seen / self.total) if self.total else 0.0
+        if self.total_bytes:
+            frac = min(1.0, r.bytes_done / self.total_bytes)
+        else:
+            frac = min(1.0, r.files_seen / self.total) if self.total else 0.0
+        if force and r.generation is not None:
+            frac = 1.0
         eta = (el / frac - el) if frac > 0 else float("nan")
         eta_s = f"{eta:5.0f}s" if eta == eta else "    ?"
-        counts = (f"files {r.files_seen}/{self.total or '?'} (new {r.new}, changed {r.changed}, "
-                  f"unchanged {r.unchanged}, skipped {sum(r.skipped.values())}) chunks {r.chunks_added} "
-                  f"({rate:.1f}/s)")
+        counts = (f"embedded {r.chunks_added} chunks ({rate:.1f}/s); scanned {r.files_seen}/{self.total or '?'} "
+                  f"files (new {r.new}, changed {r.changed}, unchanged {r.unchanged}, "
+                  f"skipped {sum(r.skipped.values())})")
         if self.tty:
             bar = "#" * int(frac * 24)
             sys.stderr.write(f"\r[{bar:<24}] {frac:4.0%} {counts} ETA {eta_s} ")
@@ -261,9 +285,9 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
     report = IngestReport(run_id=run_id, resumed_from=prev)
     if prev is not None:
         out(f"[ingest] run {prev} did not finish; resuming (committed files are kept)")
-    pool = EmbedPool(cfg)
-    total = sum(count_files(r, cfg, data) for r in roots)
-    progress = Progress(out, total)
+    pool = EmbedPool(cfg, run=str(run_id))
+    sizes = [count_files(r, cfg, data) for r in roots]
+    progress = Progress(out, sum(n for n, _ in sizes), sum(b for _, b in sizes))
     tokenizer = None
     pending: list[FileBatch] = []
     pending_chunks = 0
@@ -274,6 +298,7 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
         if report.batches == 0 or cat.get_meta("model") is None:
             _check_model(cat, pool, cfg)
         cat.commit_files(files, write_part=lambda ids: staging.write_part(stage, ids, xb))
+        report.bytes_done += sum(fb.size for fb in files)
         report.batches += 1
         report.chunks_added += len(xb)
         report.embed_seconds += secs
@@ -305,11 +330,13 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
                 if isinstance(item, Skipped):
                     skips.append(item)
                     report.skipped[item.reason] += 1
+                    report.bytes_done += _size(item.path)
                     continue
                 seen.add(item.path)
                 old = known.get(item.path)
                 if old is not None and old.size == item.size and old.mtime_ns == item.mtime_ns:
                     report.unchanged += 1
+                    report.bytes_done += item.size
                     continue
                 try:
                     text, kind, digest = read_text(item.path, cfg.scan.max_file_bytes)
@@ -317,11 +344,13 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
                     seen.discard(item.path)
                     skips.append(Skipped(item.path, e.reason, e.detail))
                     report.skipped[e.reason] += 1
+                    report.bytes_done += item.size
                     continue
                 report.bytes_read += item.size
                 if old is not None and old.sha256 == digest:
                     cat.touch_file(item.path, item.size, item.mtime_ns)
                     report.unchanged += 1
+                    report.bytes_done += item.size
                     continue
                 if tokenizer is None:
                     tokenizer = _load_tokenizer(cfg)
@@ -334,6 +363,7 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
                 if not chunks:
                     skips.append(Skipped(item.path, "empty", "no text content"))
                     seen.discard(item.path)
+                    report.bytes_done += item.size
                     continue
                 pending.append(FileBatch(item.path, item.root, item.size, item.mtime_ns, digest, kind, chunks))
                 pending_chunks += len(chunks)
@@ -353,7 +383,12 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
             cat.record_skipped(skips, root, run_id)
         report.actors = pool.info
         changed = report.chunks_added or report.chunks_removed or report.deleted
-        needs_build = build and (changed or generations.current_name(data) is None)
+        live = generations.current_name(data)
+        if build and live is not None and not changed:
+            from cluster.build import keyword_stale
+
+            changed = keyword_stale(cfg, generations.read_manifest(generations.generations_dir(data) / live))
+        needs_build = build and (changed or live is None)
         if needs_build and cat.get_meta("model") is not None:
             from cluster.build import build_generation
 
@@ -370,14 +405,26 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
     return report
 
 
-def count_files(root: str, cfg: Config, data: Path) -> int:
-    """A quick count of the files under ``root`` for the progress bar's ETA (names only, no reads)."""
-    n = 0
+def count_files(root: str, cfg: Config, data: Path) -> tuple[int, int]:
+    """A quick (files, bytes) under ``root`` for the progress bar (names and sizes only, no reads)."""
+    n = nbytes = 0
+    if not os.path.isdir(root):
+        return 1, _size(root)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) != str(data)
                        and not any(fnmatch.fnmatch(d, p) for p in cfg.scan.ignore)]
-        n += sum(1 for f in filenames if not any(fnmatch.fnmatch(f, p) for p in cfg.scan.ignore))
-    return n if os.path.isdir(root) else 1
+        for f in filenames:
+            if not any(fnmatch.fnmatch(f, p) for p in cfg.scan.ignore):
+                n += 1
+                nbytes += _size(os.path.join(dirpath, f))
+    return n, nbytes
+
+
+def _size(path: str) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
 
 
 def push_metrics(r: IngestReport, pushed: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:

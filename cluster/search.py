@@ -12,7 +12,7 @@ from cluster.catalog import Catalog
 from cluster.config import Config
 from cluster.errors import CorruptFileError, IndexMismatchError, ShoalError
 from index import generations
-from index.fusion import rrf_fuse
+from index.fusion import fuse
 from index.search import LoadedGeneration
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ class Searcher:
         self.catalog = Catalog(data / "catalog.sqlite", readonly=True)
         from index.keyword import KeywordIndex
 
-        self.keyword = KeywordIndex(self.gen_dir) if KeywordIndex.exists(self.gen_dir) else None
+        self.keyword = KeywordIndex.open(self.gen_dir, self.manifest)
+        self._reranker: Any = None
 
     @property
     def generation(self) -> str:
@@ -116,13 +117,35 @@ class Searcher:
         return out
 
     def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None,
-               mode: Optional[str] = None) -> list[list[Hit]]:
-        """Top-k hits per query: ``mode`` dense (vectors), keyword (BM25) or hybrid (RRF of both)."""
+               mode: Optional[str] = None, rerank: bool = False) -> list[list[Hit]]:
+        """Top-k hits per query: ``mode`` dense (vectors), keyword (BM25) or hybrid (both fused).
+
+        ``rerank``: the top serve.rerank_candidates are re-scored by the
+        cross-encoder in serve.rerank_model (an error where none is configured).
+        """
         qs = [validate_query(q, k)[0] for q in queries]
         if not qs:
             return []
-        D, I = self.search_ids(qs, k + 16, nprobe, mode)  # +16: ids the catalog no longer knows are dropped
-        return self.hits(D, I, k)
+        if rerank and self._reranker is None:
+            from workers.rerank import load_reranker
+
+            self._reranker = load_reranker(self.cfg)
+        fetch = max(k, self.cfg.serve.rerank_candidates) if rerank else k
+        D, I = self.search_ids(qs, fetch + 16, nprobe, mode)  # +16: ids the catalog no longer knows are dropped
+        out = self.hits(D, I, fetch)
+        if rerank:
+            out = [self._rerank(q, hs) for q, hs in zip(qs, out)]
+        return [hs[:k] for hs in out]
+
+    def _rerank(self, q: str, hits: list[Hit]) -> list[Hit]:
+        from dataclasses import replace
+
+        from workers.rerank import rerank_order
+
+        n = min(len(hits), self.cfg.serve.rerank_candidates)
+        scores = self._reranker.score(q, [h.text for h in hits[:n]])
+        head = [replace(hits[i], score=float(scores[i])) for i in rerank_order(scores)]
+        return [replace(h, rank=r) for r, h in enumerate(head + hits[n:], 1)]
 
     def search_ids(self, qs: Sequence[str], k: int, nprobe: Optional[int] = None,
                    mode: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -140,9 +163,7 @@ class Searcher:
         if mode == "keyword":
             return self.keyword.search(qs, k)
         n = max(k, q.fusion_candidates)
-        _, Id = self.search_vectors(self.embed(qs), n, nprobe)
-        _, Ik = self.keyword.search(qs, n)
-        return rrf_fuse([Id, Ik], [q.dense_weight, q.keyword_weight], k, q.rrf_k)
+        return fuse(self.search_vectors(self.embed(qs), n, nprobe), self.keyword.search(qs, n), k, q)
 
     def close(self) -> None:
         self.catalog.close()

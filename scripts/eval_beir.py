@@ -2,7 +2,7 @@
 """Retrieval quality on a BEIR-format collection, end to end through shoal's real ingest and query paths.
 
     python scripts/eval_beir.py DATASET_DIR [--config FILE] [--limit-docs N] [--url URL] [--work DIR]
-                                [--out scores.json] [--exact-check]
+                                [--out scores.json] [--tune-fusion] [--rerank]
 
 Writes each document as a file (title + text), runs the real `shoal ingest`
 (a subprocess) on that folder, sends every query through the real query path
@@ -10,8 +10,15 @@ Writes each document as a file (title + text), runs the real `shoal ingest`
 `shoal serve`), maps hits back to document ids by file path (a document with
 several chunks counts once, at its best rank) and scores the runs with
 pytrec_eval (trec_eval's own measures): nDCG@10, Recall@100, MRR@10. A BM25
-baseline from bm25s (English stop words) runs on the same documents.
-Prints one table; --out writes per-query scores as JSON.
+baseline from bm25s (English stop words, Snowball stemmer) runs on the same documents.
+
+--tune-fusion splits the judged queries in two halves (seeded), picks the
+fusion (RRF, or convex with a normalisation and a weight alpha) that scores
+best on the tuning half, and reports every run on the other half, never on
+the queries it tuned on. Hybrid is compared query by query with dense and
+keyword (better / worse / equal nDCG@10). --rerank re-scores the top
+serve.rerank_candidates with the cross-encoder in serve.rerank_model.
+Prints tables; --out writes per-query scores as JSON.
 """
 
 from __future__ import annotations
@@ -62,6 +69,21 @@ def write_docs(docs: list[dict], out: Path) -> None:
         (out / f"{d['_id']}.txt").write_text(doc_text(d), encoding="utf-8")
 
 
+def split_queries(qids: list[str], seed: int = 0) -> tuple[list[str], list[str]]:
+    """A seeded half/half split: (tune, report)."""
+    rs = np.random.default_rng(seed)
+    order = [qids[i] for i in rs.permutation(len(qids))]
+    half = len(order) // 2
+    return sorted(order[:half]), sorted(order[half:])
+
+
+def wins_losses(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], qids: list[str],
+                measure: str = "ndcg_cut_10") -> tuple[int, int, int]:
+    """How many of ``qids`` score better, worse, equal in run a than in run b."""
+    d = np.array([a[q][measure] - b[q][measure] for q in qids])
+    return int((d > 1e-9).sum()), int((d < -1e-9).sum()), int((np.abs(d) <= 1e-9).sum())
+
+
 def evaluate(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Per-query nDCG@10, Recall@100 and MRR@10 (reciprocal rank within the top 10) by pytrec_eval."""
     import pytrec_eval
@@ -98,12 +120,15 @@ def hits_to_run(ranked_paths: list[list[str]], qids: list[str]) -> dict[str, dic
 
 def bm25_baseline(docs: list[dict], queries: dict[str, str]) -> dict[str, dict[str, float]]:
     import bm25s
+    import Stemmer
 
+    stem = Stemmer.Stemmer("english")
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([doc_text(d) for d in docs], stopwords="en", show_progress=False),
+    retriever.index(bm25s.tokenize([doc_text(d) for d in docs], stopwords="en", stemmer=stem, show_progress=False),
                     show_progress=False)
     qids = list(queries)
-    res, scores = retriever.retrieve(bm25s.tokenize([queries[q] for q in qids], stopwords="en", show_progress=False),
+    res, scores = retriever.retrieve(bm25s.tokenize([queries[q] for q in qids], stopwords="en", stemmer=stem,
+                                                    show_progress=False),
                                      k=min(DEPTH, len(docs)), show_progress=False)
     return {q: {docs[i]["_id"]: float(s) for i, s in zip(res[j], scores[j]) if s > 0} for j, q in enumerate(qids)}
 
@@ -121,7 +146,7 @@ def ingest(docs_dir: Path, data: Path, config: Optional[str]) -> float:
 
 
 def in_process_runs(cfg: Any, queries: dict[str, str], modes: list[str], nprobe: Optional[int] = None,
-                    searcher: Any = None) -> dict[str, dict[str, dict[str, float]]]:
+                    searcher: Any = None, rerank: bool = False) -> dict[str, dict[str, dict[str, float]]]:
     from cluster.search import Searcher
 
     s = searcher or Searcher(cfg)
@@ -131,12 +156,64 @@ def in_process_runs(cfg: Any, queries: dict[str, str], modes: list[str], nprobe:
         paths = []
         for i0 in range(0, len(qids), 64):
             batch = [queries[q] for q in qids[i0:i0 + 64]]
-            for hits in s.search(batch, k=DEPTH * 3, nprobe=nprobe, mode=mode):
+            for hits in s.search(batch, k=DEPTH * 3, nprobe=nprobe, mode=mode, rerank=rerank):
                 paths.append([h.path for h in hits])
-        runs[mode] = hits_to_run(paths, qids)
+        runs[mode + (" +rerank" if rerank else "")] = hits_to_run(paths, qids)
     if searcher is None:
         s.close()
     return runs
+
+
+FUSION_GRID = [("rrf", "-", 0.0)] + [("convex", norm, round(a, 2)) for norm in ("minmax", "zscore", "tmm")
+                                      for a in np.linspace(0, 1, 21)]
+
+
+def tune_fusion(s: Any, queries: dict[str, str], qrels: dict[str, dict[str, int]], tune_q: list[str],
+                out: Callable[[str], None]) -> tuple[tuple[str, str, float], list[dict[str, Any]]]:
+    """Score every fusion in FUSION_GRID on ``tune_q`` with the searcher's own candidates and fusion code.
+
+    Each side's candidates are fetched once, exactly as a hybrid search fetches
+    them (k + 16 hits asked, max(k, query.fusion_candidates) per side), then
+    fused by index.fusion with each setting. The choice is the setting whose
+    neighbourhood scores best: mean nDCG@10 over alphas within ±0.1 of it, same
+    normalisation ("smoothed"). A sharp peak is tuned to this collection's
+    score scales; a broad one is what carries to collections never tuned on.
+    Returns the chosen (fusion, norm, alpha) and the grid.
+    """
+    from dataclasses import replace
+
+    from index.fusion import fuse
+
+    k = DEPTH * 3 + 16  # what Searcher.search(k=DEPTH * 3) asks of search_ids
+    n = max(k, s.cfg.query.fusion_candidates)
+    qs = [queries[q] for q in tune_q]
+    dense = s.search_ids(qs, n, mode="dense")
+    keyword = s.search_ids(qs, n, mode="keyword")
+    rows: list[dict[str, Any]] = []
+    for fusion, norm, alpha in FUSION_GRID:
+        qc = replace(s.cfg.query, fusion=fusion, normalization=norm if norm != "-" else "minmax", alpha=alpha)
+        D, I = fuse(dense, keyword, k, qc)
+        paths = [[h.path for h in hits] for hits in s.hits(D, I, DEPTH * 3)]
+        per_q = evaluate({q: qrels[q] for q in tune_q}, hits_to_run(paths, tune_q))
+        rows.append({"fusion": fusion, "normalization": norm, "alpha": alpha, **mean(per_q)})
+    for r in rows:
+        near = [o["ndcg_cut_10"] for o in rows if o["normalization"] == r["normalization"]
+                and abs(o["alpha"] - r["alpha"]) <= 0.1 + 1e-9]
+        r["smoothed"] = float(np.mean(near))
+    best = max(rows, key=lambda r: (round(r["smoothed"], 6), round(r["ndcg_cut_10"], 6)))
+    out(f"\n### fusion tuned on {len(tune_q)} queries (nDCG@10 on the tuning half)\n")
+    out("| fusion | normalisation | alpha (best smoothed) | smoothed (alpha ±0.1) | nDCG@10 there "
+        "| peak nDCG@10 (alpha) | at alpha 0.5 |")
+    out("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for norm in ("-", "minmax", "zscore", "tmm"):
+        rs = [r for r in rows if r["normalization"] == norm]
+        b = max(rs, key=lambda r: r["smoothed"])
+        pk = max(rs, key=lambda r: r["ndcg_cut_10"])
+        mid = next((r["ndcg_cut_10"] for r in rs if abs(r["alpha"] - 0.5) < 1e-9), b["ndcg_cut_10"])
+        a = (lambda r: f"{r['alpha']:.2f}" if norm != "-" else "-")
+        out(f"| {b['fusion']} | {norm} | {a(b)} | {b['smoothed']:.4f} | {b['ndcg_cut_10']:.4f} "
+            f"| {pk['ndcg_cut_10']:.4f} ({a(pk)}) | {mid:.4f} |")
+    return (best["fusion"], best["normalization"], best["alpha"]), rows
 
 
 def http_runs(url: str, queries: dict[str, str], modes: list[str], rerank: bool = False, batch: int = 32
@@ -164,7 +241,11 @@ def main(argv: Optional[list[str]] = None, out: Callable[[str], None] = print) -
     ap.add_argument("--config", default=None)
     ap.add_argument("--limit-docs", type=int, default=0)
     ap.add_argument("--url", default=None, help="also query a running `shoal serve` over HTTP")
-    ap.add_argument("--rerank", action="store_true", help="with --url: also the re-ranked runs")
+    ap.add_argument("--rerank", action="store_true",
+                    help="also the re-ranked runs (cross-encoder in serve.rerank_model; over HTTP with --url)")
+    ap.add_argument("--tune-fusion", action="store_true",
+                    help="choose the fusion on half the queries (seeded), report the other half")
+    ap.add_argument("--seed", type=int, default=0, help="the query split's seed")
     ap.add_argument("--work", default=None, help="folder for the documents and the data dir")
     ap.add_argument("--data-dir", default=None, help="an already ingested data dir (skip the ingest)")
     ap.add_argument("--modes", default="dense,keyword,hybrid")
@@ -183,13 +264,35 @@ def main(argv: Optional[list[str]] = None, out: Callable[[str], None] = print) -
         ingest_s = ingest(work / "docs", data, a.config)
     cfg = load_config(a.config, data_dir=str(data))
     modes = a.modes.split(",")
-    runs: dict[str, dict[str, dict[str, float]]] = {"BM25 (bm25s, documents)": bm25_baseline(docs, queries)}
-    runs.update({f"shoal {m}": r for m, r in in_process_runs(cfg, queries, modes).items()})
+    from dataclasses import replace
+
+    from cluster.search import Searcher
+
+    s = Searcher(cfg)
+    tune_q, report_q = split_queries(sorted(queries), a.seed) if a.tune_fusion else ([], sorted(queries))
+    chosen, grid = None, []
+    if a.tune_fusion:
+        chosen, grid = tune_fusion(s, queries, qrels, tune_q, out)
+        fusion, norm, alpha = chosen
+        s.cfg = replace(cfg, query=replace(cfg.query, fusion=fusion, alpha=alpha,
+                                           normalization=norm if norm != "-" else cfg.query.normalization))
+        out(f"\nchosen on the tuning half: fusion {fusion}" + (f", {norm}, alpha {alpha}" if fusion == "convex" else ""))
+    runs: dict[str, dict[str, dict[str, float]]] = {"BM25 (bm25s on documents, stemmed)": bm25_baseline(docs, queries)}
+    runs.update({f"shoal {m}": r for m, r in in_process_runs(cfg, queries, modes, searcher=s).items()})
+    if a.tune_fusion and "hybrid" in modes:  # the default fusion beside the chosen one
+        s_cfg = s.cfg
+        s.cfg = cfg
+        runs["shoal hybrid (config as given)"] = in_process_runs(cfg, queries, ["hybrid"], searcher=s)["hybrid"]
+        s.cfg = s_cfg
+    if a.rerank and not a.url:
+        runs.update({f"shoal {m}": r for m, r in in_process_runs(cfg, queries, ["hybrid"], searcher=s,
+                                                                 rerank=True).items()})
     if a.url:
         hmodes = a.http_modes.split(",") if a.http_modes else modes
         runs.update({f"shoal {m} (HTTP)": r for m, r in http_runs(a.url, queries, hmodes).items()})
         if a.rerank:
             runs.update({f"shoal {m} (HTTP)": r for m, r in http_runs(a.url, queries, hmodes, rerank=True).items()})
+    s.close()
     scores = {name: evaluate(qrels, run) for name, run in runs.items()}
     from index import generations
 
@@ -197,15 +300,32 @@ def main(argv: Optional[list[str]] = None, out: Callable[[str], None] = print) -
     out(f"\n### {ds.name}: {len(docs)} documents, {len(queries)} judged queries, "
         f"index {man['factory']} (nprobe {man['nprobe']}), {man['ntotal']} chunks"
         + (f", ingest {ingest_s:.0f} s" if ingest_s else "") + "\n")
-    out("| run | " + " | ".join(MEASURES.values()) + " |")
-    out("| --- | " + " | ".join("---:" for _ in MEASURES) + " |")
-    summary = {}
-    for name, per_q in scores.items():
-        summary[name] = mean(per_q)
-        out(f"| {name} | " + " | ".join(f"{summary[name][m]:.4f}" for m in MEASURES) + " |")
+    halves = [("report half", report_q), ("tuning half", tune_q), ("all", sorted(queries))] if a.tune_fusion \
+        else [("all", sorted(queries))]
+    summary: dict[str, Any] = {}
+    for label, qids in halves:
+        if a.tune_fusion:
+            out(f"\n#### {label}: {len(qids)} queries\n")
+        out("| run | " + " | ".join(MEASURES.values()) + " |")
+        out("| --- | " + " | ".join("---:" for _ in MEASURES) + " |")
+        for name, per_q in scores.items():
+            m = {mm: float(np.mean([per_q[q][mm] for q in qids])) for mm in MEASURES}
+            summary.setdefault(label, {})[name] = m
+            out(f"| {name} | " + " | ".join(f"{m[mm]:.4f}" for mm in MEASURES) + " |")
+        if "shoal hybrid" in scores:
+            out("\n| hybrid vs | better | worse | equal (nDCG@10, per query) |")
+            out("| --- | ---: | ---: | ---: |")
+            for other in ("shoal dense", "shoal keyword"):
+                if other in scores:
+                    w, lo, eq = wins_losses(scores["shoal hybrid"], scores[other], qids)
+                    summary[label][f"hybrid vs {other.split()[-1]}"] = {"better": w, "worse": lo, "equal": eq}
+                    out(f"| {other.split()[-1]} | {w} | {lo} | {eq} |")
     if a.out:
-        Path(a.out).write_text(json.dumps({"dataset": str(ds), "summary": summary, "per_query": scores}, indent=1))
-    return {"summary": summary, "per_query": scores, "data": str(data), "work": str(work)}
+        Path(a.out).write_text(json.dumps({"dataset": str(ds), "split": {"tune": tune_q, "report": report_q},
+                                           "chosen": chosen, "grid": grid, "summary": summary,
+                                           "per_query": scores}, indent=1))
+    return {"summary": summary, "per_query": scores, "data": str(data), "work": str(work), "chosen": chosen,
+            "grid": grid, "split": (tune_q, report_q)}
 
 
 if __name__ == "__main__":

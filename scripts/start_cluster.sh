@@ -16,4 +16,7 @@ args=(--head --node-ip-address=127.0.0.1 --port="${SHOAL_RAY_PORT:-6379}"
       --dashboard-host=127.0.0.1 --dashboard-port="${SHOAL_DASHBOARD_PORT:-8265}"
       --metrics-export-port="${SHOAL_METRICS_PORT:-8080}" --disable-usage-stats)
 if [ -n "${SHOAL_RAY_TEMP:-}" ]; then args+=(--temp-dir="$SHOAL_RAY_TEMP"); fi
+echo "[start_cluster] dashboard http://127.0.0.1:${SHOAL_DASHBOARD_PORT:-8265} asks for a token: \
+\`ray get-auth-token\` (file ${RAY_AUTH_TOKEN_PATH:-~/.ray/auth_token}); \
+ray job commands need --address http://127.0.0.1:${SHOAL_DASHBOARD_PORT:-8265}" >&2
 exec ray start "${args[@]}" "$@"

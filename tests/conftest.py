@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
-CRANFIELD = ROOT.parent / "shared" / "data" / "cranfield"
+CRANFIELD = ROOT / "tests" / "data" / "cranfield-400"  # a slice carried in the repository (tests/data/README.md)
 
 # tests/gpu runs only from scripts/gpu_check.sh, so CPU runs show no skips for it
 collect_ignore = [] if os.environ.get("SHOAL_GPU_CHECK") == "1" else ["gpu"]
@@ -30,8 +30,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 def cranfield_docs(limit: int) -> list[dict]:
-    if not (CRANFIELD / "corpus.jsonl").is_file():
-        pytest.skip(f"Cranfield collection not found at {CRANFIELD}")
     docs = []
     with open(CRANFIELD / "corpus.jsonl", encoding="utf-8") as f:
         for line in f:
@@ -76,3 +74,24 @@ def ray_local():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def tiny_cross_encoder(out: Path) -> Path:
+    """A small AutoModelForSequenceClassification (random weights, the bundled tokenizer), saved to ``out``.
+
+    It tests the re-ranking plumbing; its scores mean nothing.
+    """
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from workers.embed import resolve_model_path
+
+    if (out / "config.json").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512, num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -14,12 +14,22 @@ from workers.embed import encode, load_model
 log = logging.getLogger(__name__)
 
 
+def card_slug(name: str) -> str:
+    """A short card name for labels: "NVIDIA GeForce RTX 4080" -> "rtx4080", "Quadro P4000" -> "p4000"."""
+    words = [w for w in name.lower().split() if w not in ("nvidia", "geforce", "quadro", "tesla", "corporation")]
+    return "".join(c for c in "".join(words) if c.isalnum()) or "gpu"
+
+
 @ray.remote(max_restarts=3, max_task_retries=3)
 class EmbedActor:
-    """Holds one model on one device (the GPU Ray assigned, or the CPU)."""
+    """Holds one model on one device (the GPU Ray assigned, or the CPU).
+
+    Named ``shoal-embed-<device><slot>-run<run>`` by the pool; its ``repr`` (the
+    dashboard's Repr column) and its metric labels say which card it got.
+    """
 
     def __init__(self, model_name: str, device: str, max_seq_length: int, batch_size: int,
-                 threads: int, allow_download: bool) -> None:
+                 threads: int, allow_download: bool, run: str = "", job: str = "") -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         self.cuda_visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         self.gpu_ids = ray.get_gpu_ids()
@@ -32,15 +42,28 @@ class EmbedActor:
             mem = torch.cuda.get_device_properties(0).total_memory
             self.batch_size = max(16, int(batch_size * mem / (16 << 30)))
             log.info("GPU %s with %.1f GB: batch size %d", torch.cuda.get_device_name(0), mem / 1e9, self.batch_size)
-        self.tag = f"{self.lm.device}:{','.join(str(g) for g in self.gpu_ids) or os.getpid()}"
+        if self.lm.device == "cuda":
+            import torch
+
+            self.card = card_slug(torch.cuda.get_device_name(0))
+            self.tag = f"gpu{','.join(str(g) for g in self.gpu_ids)}-{self.card}"
+        else:
+            self.card = "cpu"
+            self.tag = f"cpu-{os.getpid()}"
+        self.run, self.job = run, job
         if self.gpu_ids and self.lm.device == "cpu":
             log.warning("Ray assigned GPU %s (CUDA_VISIBLE_DEVICES=%s) but no card answers; embedding on the CPU",
                         self.gpu_ids, self.cuda_visible)
         log.info("embed actor pid %d: device %s, Ray GPUs %s, CUDA_VISIBLE_DEVICES=%r",
                  os.getpid(), self.lm.device, self.gpu_ids, self.cuda_visible)
 
+    def __repr__(self) -> str:
+        return f"shoal-embed-{self.tag} (run {self.run})"
+
     def info(self) -> dict[str, Any]:
         return {
+            "tag": self.tag,
+            "card": self.card,
             "pid": os.getpid(),
             "device": self.lm.device,
             "gpu_ids": [str(g) for g in self.gpu_ids],
@@ -61,7 +84,7 @@ class EmbedActor:
         t0 = time.perf_counter()
         xb = encode(texts, self.lm, self.batch_size)
         dt = time.perf_counter() - t0
-        m, tags = ingest_metrics(), {"actor": self.tag}
+        m, tags = ingest_metrics(), {"actor": self.tag, "card": self.card, "job": self.job, "run": self.run}
         m.chunks_embedded.inc(len(texts), tags=tags)
         m.batch_latency_s.observe(dt, tags=tags)
         m.actor_chunks_per_s.set(len(texts) / dt if dt > 0 else 0.0, tags=tags)

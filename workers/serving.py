@@ -138,48 +138,19 @@ class ShardSearcher:
 
 @serve.deployment(name="Reranker")
 class Reranker:
-    """Re-scores (query, chunk) pairs: a cross-encoder when one is configured, else the bi-encoder.
+    """Re-scores (query, chunk) pairs with the cross-encoder in serve.rerank_model (deployed only then)."""
 
-    No cross-encoder ships offline in a PyPI package here, so the default scorer
-    is the bi-encoder on the whole chunk text (not truncated to the snippet).
-    """
+    def __init__(self, cross_encoder: str, allow_download: bool, device: str = "auto") -> None:
+        from workers.rerank import CrossEncoder
 
-    def __init__(self, cross_encoder: Optional[str], model_name: str, max_seq_length: int,
-                 allow_download: bool) -> None:
-        self.kind = "cross-encoder" if cross_encoder else "bi-encoder"
-        if cross_encoder:
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-            from workers.embed import resolve_model_path
-
-            path = resolve_model_path(cross_encoder)
-            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=not allow_download)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=not allow_download)
-            self.model.eval()
-        else:
-            from workers.embed import load_model
-
-            self.lm = load_model(model_name, max_seq_length=max_seq_length, allow_download=allow_download)
+        self.ce = CrossEncoder(cross_encoder, allow_download=allow_download, device=device)
 
     def rerank(self, query: str, texts: Sequence[str]) -> list[float]:
         """A score per text, higher is better."""
-        if not texts:
-            return []
-        if self.kind == "cross-encoder":
-            import torch
-
-            with torch.inference_mode():
-                enc = self.tok([query] * len(texts), list(texts), padding=True, truncation=True,
-                               return_tensors="pt", max_length=512)
-                logits = self.model(**enc).logits
-            return logits[:, 0].float().tolist() if logits.ndim == 2 else logits.float().tolist()
-        from workers.embed import encode
-
-        x = encode([query, *texts], self.lm)
-        return (x[1:] @ x[0]).astype(float).tolist()
+        return self.ce.score(query, texts) if texts else []
 
     def info(self) -> dict[str, Any]:
-        return {"kind": self.kind, "pid": os.getpid()}
+        return {"model": self.ce.name, "device": self.ce.device, "pid": os.getpid()}
 
 
 async def gather_groups(calls: Sequence[Any], timeout_s: float) -> list[Any]:

@@ -3,6 +3,7 @@
 Every process here is real: the head, the job driver, the embedding actors; kills are SIGKILL.
 """
 
+import json
 import os
 import re
 import signal
@@ -159,6 +160,20 @@ def test_job_submit_two_logical_gpus_and_metrics(corpus, reference, tmp_path):
         assert log.count("no card answers; embedding on the CPU") == 2
         assert re.search(r"\[ingest\].*100%", log)  # plain progress lines in the job log
         assert sorted(chunk_map(data).values()) == sorted(reference.values())
+        # the README's `ray job` commands, as written there (with --address)
+        [job_id] = set(re.findall(r"raysubmit_\w+", log))
+        for cmd in (["ray", "job", "list", "--address", head.dashboard],
+                    ["ray", "job", "logs", "--address", head.dashboard, "--follow", job_id]):
+            r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, (cmd, r.stderr[-2000:])
+            assert job_id in r.stdout if cmd[2] == "list" else "[ingest]" in r.stdout
+        # embedding actors named after their device slot and run (the dashboard's Actors page)
+        r = subprocess.run(["ray", "list", "actors", "--address", head.dashboard, "--detail", "--format", "json",
+                            "--filter", "class_name=EmbedActor"],
+                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        names = sorted(a["name"] for a in json.loads(r.stdout))
+        assert names == ["shoal-embed-gpu0-run1", "shoal-embed-gpu1-run1"], names
         q = shoal("query", "experimental investigation of the aerodynamics of a wing in a slipstream",
                   "-k", "1", "--data-dir", str(data))
         out, _ = q.communicate(timeout=120)

@@ -47,9 +47,12 @@ def served(tmp_path_factory, ray_local):
     paths = write_docs(docs[:40], tmp / "docs")
     (tmp / "docs" / "notes.md").write_text("# Rotor notes\n\nhelicopter rotor blade flapping in forward flight .")
     cfg = load_config(ROOT / "configs" / "test.yaml", data_dir=str(tmp / "data"))
+    from conftest import tiny_cross_encoder
+
     cfg = replace(cfg, serve=replace(cfg.serve, port=PORT, shard_groups=2, reload_interval_s=0.5,
                                      num_cpus_encoder=0.3, num_cpus_searcher=0.1, num_cpus_ingress=0.1,
-                                     num_cpus_reranker=0.1, max_batch_queries=8, max_body_bytes=4096))
+                                     num_cpus_reranker=0.1, max_batch_queries=8, max_body_bytes=4096,
+                                     rerank_model=str(tiny_cross_encoder(tmp / "cross-encoder"))))
     ingest([str(tmp / "docs")], cfg, out=lambda s: None)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(AppArgs(cfg=config_to_dict(cfg))), name="shoal", route_prefix="/", logging_config=QUIET)
@@ -141,13 +144,21 @@ def test_filters_never_return_non_matching(served):
         assert [h["path"] for h in hits] == [str(tmp / "docs" / "notes.md")]
 
 
-def test_rerank_with_bi_encoder_scorer(served):
-    _, client, _, _, _ = served
+def test_rerank_with_a_cross_encoder(served, lm):
+    """Over HTTP the cross-encoder re-orders the top candidates exactly as the in-process path does."""
+    cfg, client, _, _, _ = served
     r = client.post("/search", json={"q": QUERIES[0], "k": 5, "rerank": True})
     assert r.status_code == 200, r.text
     hits = r.json()["hits"]
     assert len(hits) == 5 and all("first_stage_score" in h for h in hits)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    s = Searcher(cfg, lm=lm)
+    try:
+        [local] = s.search([QUERIES[0]], k=5, rerank=True)
+    finally:
+        s.close()
+    assert [h["id"] for h in hits] == [h.id for h in local]
+    assert np.allclose([h["score"] for h in hits], [h.score for h in local], atol=1e-4)
 
 
 def test_stats_and_health(served):

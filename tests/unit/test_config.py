@@ -89,3 +89,12 @@ def test_shipped_configs_load():
     for p in shipped:
         if p.name != "runtime_env.yaml":  # Ray's runtime env for `ray job submit`, not a shoal config
             load_config(p)
+
+
+def test_query_encoder_placement():
+    from cluster.app import encoder_placement
+
+    assert encoder_placement("auto", 0.25, 0) == ("cpu", 0.0)  # CPU-only machine: nothing changes
+    assert encoder_placement("auto", 0.25, 2) == ("cuda", 0.25)  # shares a card with a ShardSearcher
+    assert encoder_placement("cpu", 0.25, 2) == ("cpu", 0.0)
+    assert encoder_placement("cuda", 0.5, 0) == ("cpu", 0.0)  # asked for, but no GPU: a warning, the CPU

@@ -48,3 +48,25 @@ def test_rrf_by_hand():
     # 30: 1/63 + 1/61; 10: 1/61; 40: 1/62; 20: 1/62 (tie broken by id)
     assert I[0].tolist() == [30, 10, 20, 40]
     assert D[0, 0] == pytest.approx(1 / 63 + 1 / 61)
+
+
+def test_progress_follows_finished_bytes_not_scanned_files():
+    """All files scanned but a quarter of the bytes embedded reads 25%, not 100%."""
+    from cluster.ingest import IngestReport, Progress
+
+    lines = []
+    p = Progress(lines.append, total_files=10, total_bytes=1000, every_s=0, tty=False)
+    r = IngestReport(run_id=1, files_seen=10, bytes_done=250, chunks_added=5)
+    p.tick(r, force=True)
+    assert " 25% embedded 5 chunks" in lines[-1] and "scanned 10/10 files" in lines[-1]
+    r.bytes_done, r.generation = 1000, "000001"
+    p.tick(r, force=True)
+    assert "100%" in lines[-1] and "ETA     0s" in lines[-1]
+
+
+def test_card_labels():
+    from workers.actors import card_slug
+
+    assert card_slug("NVIDIA GeForce RTX 4080") == "rtx4080"
+    assert card_slug("Quadro P4000") == "p4000"
+    assert card_slug("NVIDIA H200") == "h200"
