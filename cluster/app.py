@@ -1,8 +1,12 @@
 """The Ray Serve app: HTTP ingress -> QueryEncoder -> ShardSearcher per group -> merge -> catalog -> re-rank.
 
     shoal serve [--config ...] [--data-dir DIR]     # http://127.0.0.1:8000 by default
-"""
 
+The Ingress does HTTP, auth and the fan-out, and only awaits: what happens to a
+query is :class:`cluster.query.QueryCore`, the same code the CLI and the
+evaluator run, with the deployments as its backend. Every status the API can
+return is declared in /openapi.json with its body.
+"""
 
 
 import hmac
@@ -11,79 +15,99 @@ import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import faiss
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import Config, config_from_dict
-from cluster.search import MAX_K, MAX_QUERY_CHARS
-from index.fusion import fuse
+from cluster.query import (MAX_K, MAX_NPROBE, MAX_QUERY_CHARS, NOT_BLANK, SEARCH_PARAMS, BatchRequest, DenseResult, FileType,
+                           Mode, QueryCore, QueryError, SearchOptions, SearchRequest, Unavailable, field_errors)
 from workers.serving import QueryEncoder, Reranker, ShardSearcher, gather_groups, percentiles
 
 log = logging.getLogger(__name__)
-SHARD_TIMEOUT_S = 30.0
 
 
-FileType = Literal["text", "markdown", "rst", "code", "data", "html", "pdf"]
+# -- response bodies (the contract in /openapi.json) -----------------------------------------------
+class FieldError(BaseModel):
+    field: str
+    msg: str
+    type: str
 
 
-class SearchOptions(BaseModel):
-    """What a single and a batch search share."""
-
-    model_config = ConfigDict(extra="forbid")
-    k: int = Field(10, ge=1, le=MAX_K)
-    nprobe: Optional[int] = Field(None, ge=1, le=65536)
-    rerank: bool = False
-    path_prefix: Optional[str] = Field(None, min_length=1, max_length=4096)
-    file_type: Optional[list[FileType]] = None
-    allow_partial: bool = False
-    full: bool = False
-    mode: Optional[Literal["dense", "keyword", "hybrid"]] = None
+class ValidationErrorBody(BaseModel):
+    detail: list[FieldError]
 
 
-class SearchRequest(SearchOptions):
-    q: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-
-    @field_validator("q")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("query is empty")
-        return v.strip()
+class ErrorBody(BaseModel):
+    detail: str
 
 
-class BatchRequest(SearchOptions):
-    queries: list[str] = Field(min_length=1)
-
-    @field_validator("queries")
-    @classmethod
-    def _check_queries(cls, v: list[str]) -> list[str]:
-        for i, q in enumerate(v):
-            if not q.strip():
-                raise ValueError(f"queries[{i}] is empty")
-            if len(q) > MAX_QUERY_CHARS:
-                raise ValueError(f"queries[{i}] is longer than {MAX_QUERY_CHARS} characters")
-        return [q.strip() for q in v]
+class UnavailableBody(BaseModel):
+    detail: str
+    missing_shards: list[int] = []
 
 
-SEARCH_PARAMS = set(SearchRequest.model_fields)
+class HitOut(BaseModel):
+    rank: int
+    score: float
+    id: int
+    path: str
+    kind: str
+    start: int
+    end: int
+    text: str
+    first_stage_score: Optional[float] = None
+
+
+class SearchResponse(BaseModel):
+    query: str
+    k: int
+    mode: str
+    generation: Optional[str]
+    hits: list[HitOut]
+    ms: float
+    partial: bool = False
+    missing_shards: list[int] = []
+
+
+class QueryResult(BaseModel):
+    query: str
+    hits: list[HitOut]
+
+
+class BatchResponse(BaseModel):
+    mode: str
+    generation: Optional[str]
+    results: list[QueryResult]
+    ms: float
+    partial: bool = False
+    missing_shards: list[int] = []
+
+
+class Health(BaseModel):
+    status: str
+    generation: Optional[str]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the body is not JSON text (undecodable bytes)"},
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token (serve.token)"},
+    409: {"model": ErrorBody, "description": "the index or config cannot do this (no keyword index, re-ranking off)"},
+    413: {"model": ErrorBody, "description": "request body over serve.max_body_bytes"},
+    422: {"model": ValidationErrorBody, "description": "a field is wrong: each item names it"},
+    503: {"model": UnavailableBody, "description": "no generation yet, or shard groups down (missing_shards)"},
+}
 
 
 def error(status: int, detail: Any, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status)
-
-
-class ServeError(Exception):
-    def __init__(self, status: int, detail: str, **extra: Any) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.extra = status, detail, extra
 
 
 def make_api() -> FastAPI:
@@ -105,7 +129,12 @@ def make_api() -> FastAPI:
                 return error(413, f"request body over {max_body_bytes} bytes")
             if size is None and len(await request.body()) > max_body_bytes:
                 return error(413, f"request body over {max_body_bytes} bytes")
-        return await call_next(request)
+        response = await call_next(request)
+        if response.status_code == 405:  # Starlette names only the first route's methods; a path may have more
+            documented = api.openapi()["paths"].get(request.url.path, {})
+            if documented:
+                response.headers["allow"] = ", ".join(sorted(m.upper() for m in documented))
+        return response
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -113,10 +142,21 @@ def make_api() -> FastAPI:
                  "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
         return error(422, errs)
 
-    @api.exception_handler(ServeError)
-    async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+    @api.exception_handler(QueryError)
+    async def query_error(request: Request, exc: QueryError) -> JSONResponse:
         return error(exc.status, exc.detail, **exc.extra)
 
+    base_openapi = api.openapi
+
+    def served_openapi() -> dict[str, Any]:
+        """FastAPI's schema plus what this server's config enforces (the batch size limit)."""
+        spec = base_openapi()
+        queries = spec["components"]["schemas"]["BatchRequest"]["properties"]["queries"]
+        queries["maxItems"] = int(api.state.max_batch_queries)
+        return spec
+
+    api.openapi = served_openapi  # type: ignore[method-assign]
+    api.state.max_batch_queries = 64
     return api
 
 
@@ -190,187 +230,117 @@ def plan_groups(cfg: Config) -> tuple[int, float]:
 api = make_api()
 
 
+class ServeBackend:
+    """The query core's backend in the app: the QueryEncoder and the ShardSearcher deployments."""
+
+    def __init__(self, encoder: DeploymentHandle, searchers: list[DeploymentHandle],
+                 reranker: Optional[DeploymentHandle], timeout_s: float) -> None:
+        self.encoder, self.searchers, self.reranker, self.timeout_s = encoder, searchers, reranker, timeout_s
+
+    def serving_generation(self) -> Optional[str]:
+        return None  # CURRENT: the searchers follow it
+
+    async def encode(self, queries: list[str]) -> np.ndarray:
+        if len(queries) == 1:  # concurrent single queries share one forward pass (@serve.batch)
+            return np.asarray(await self.encoder.encode_one.remote(queries[0]), dtype=np.float32)[None, :]
+        return np.asarray(await self.encoder.encode_many.remote(queries), dtype=np.float32)
+
+    async def dense(self, xq: np.ndarray, k: int, opts: SearchOptions,
+                    allowed: Optional[np.ndarray]) -> DenseResult:
+        calls = [h.search.remote(xq, k, opts.nprobe, allowed) for h in self.searchers]
+        results = await gather_groups(calls, self.timeout_s)
+        missing = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        if missing and (not opts.allow_partial or len(missing) == len(results)):
+            raise Unavailable(f"shard group(s) {missing} unavailable: {results[missing[0]]!s:.200}",
+                              missing_shards=missing)
+        ok = [r for r in results if not isinstance(r, BaseException)]
+        heap = faiss.ResultHeap(len(xq), k, keep_max=True)
+        for D, I, _ in ok:
+            heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
+        heap.finalize()
+        return DenseResult(heap.D, heap.I, sorted({g for _, _, g in ok})[-1], missing)
+
+    async def rerank(self, query: str, texts: list[str]) -> list[float]:
+        assert self.reranker is not None  # the core refuses rerank without serve.rerank_model
+        return list(await self.reranker.rerank.remote(query, texts))
+
+
+def _snip(hits: list[Any], full: bool, chars: int) -> list[dict[str, Any]]:
+    return [h.as_dict(None if full else chars) for h in hits]
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
     def __init__(self, encoder: DeploymentHandle, searchers: list[DeploymentHandle],
                  reranker: Optional[DeploymentHandle], cfg: dict[str, Any]) -> None:
-        from cluster.catalog import Catalog
-
         self.cfg = config_from_dict(cfg)
-        self.encoder, self.searchers, self.reranker = encoder, searchers, reranker
+        self.searchers = searchers
+        self.encoder = encoder
         api.state.token = self.cfg.serve.token or os.environ.get("SHOAL_TOKEN") or None
         api.state.max_body_bytes = int(self.cfg.serve.max_body_bytes)
-        self.catalog_path = self.cfg.data_path / "catalog.sqlite"
-        self._catalog: Optional[Catalog] = None
-        self._kw: Optional[tuple[str, Any]] = None
+        api.state.max_batch_queries = int(self.cfg.serve.max_batch_queries)
+        self.core = QueryCore(self.cfg, ServeBackend(encoder, searchers, reranker, self.cfg.serve.shard_timeout_s))
         self.latency_ms: deque[float] = deque(maxlen=5000)
         self.requests = 0
-        self.errors = 0
 
-    # -- helpers ------------------------------------------------------------
-    @property
-    def catalog(self) -> Any:
-        from cluster.catalog import Catalog
-
-        if self._catalog is None:
-            self._catalog = Catalog(self.catalog_path, readonly=True)
-        return self._catalog
-
-    def _keyword_index(self, generation: Optional[str]) -> Any:
-        """The BM25 index of ``generation`` (or CURRENT), loaded once per generation."""
-        from index import generations
-        from index.keyword import KeywordIndex
-
-        name = generation or generations.current_name(self.cfg.data_path)
-        if name is None:
-            raise ServeError(503, "no index generation yet")
-        if self._kw is None or self._kw[0] != name:
-            gen_dir = generations.generations_dir(self.cfg.data_path) / name
-            if not KeywordIndex.exists(gen_dir):
-                return None
-            self._kw = (name, KeywordIndex.open(gen_dir, generations.read_manifest(gen_dir)))
-        return self._kw[1]
-
-    async def _encode(self, queries: list[str], mode: str, single: bool) -> Optional[np.ndarray]:
-        if mode == "keyword":
-            return None
-        if single:
-            return np.asarray(await self.encoder.encode_one.remote(queries[0]), dtype=np.float32)[None, :]
-        return np.asarray(await self.encoder.encode_many.remote(queries), dtype=np.float32)
-
-    async def _search(self, queries: list[str], req: Any, xq: Optional[np.ndarray]) -> dict[str, Any]:
-        k = req.k
-        mode = req.mode or self.cfg.query.mode
-        if req.rerank and self.reranker is None:
-            from workers.rerank import RERANK_OFF
-
-            raise ServeError(409, RERANK_OFF)
-        allowed = None
-        if req.path_prefix or req.file_type:
-            allowed = self.catalog.ids_matching(req.path_prefix, req.file_type)
-        fetch = max(k, self.cfg.serve.rerank_candidates) if req.rerank else k
-        fetch += 16  # ids the catalog no longer knows are dropped below
-        if mode == "hybrid":
-            fetch = max(fetch, self.cfg.query.fusion_candidates)
-        missing: list[int] = []
-        gens: list[str] = []
-        D = I = None
-        if xq is not None:
-            D, I, gens, missing = await self._dense(xq, fetch, req, allowed)
-        if mode != "dense":
-            kw = self._keyword_index(gens[-1] if gens else None)
-            if kw is None and mode == "keyword":
-                raise ServeError(409, "this generation has no keyword index (index.keyword is false)")
-            if kw is not None:
-                Dk, Ik = kw.search(queries, fetch)
-                if allowed is not None:
-                    Ik = np.where(np.isin(Ik, allowed), Ik, -1)
-                if mode == "keyword":
-                    D, I = Dk, Ik
-                else:
-                    D, I = fuse((D, I), (Dk, Ik), fetch, self.cfg.query)
-        return await self._hits(queries, req, D, I, gens, missing, mode)
-
-    async def _dense(self, xq: np.ndarray, fetch: int, req: Any, allowed: Optional[np.ndarray]) -> Any:
-        calls = [h.search.remote(xq, fetch, req.nprobe, allowed) for h in self.searchers]
-        results = await gather_groups(calls, SHARD_TIMEOUT_S)
-        missing = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
-        if missing and (not req.allow_partial or len(missing) == len(results)):
-            raise ServeError(503, f"shard group(s) {missing} unavailable: {results[missing[0]]!s:.200}",
-                             missing_shards=missing)
-        ok = [r for r in results if not isinstance(r, BaseException)]
-        heap = faiss.ResultHeap(len(xq), fetch, keep_max=True)
-        for D, I, _ in ok:
-            heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
-        heap.finalize()
-        return heap.D, heap.I, sorted({g for _, _, g in ok}), missing
-
-    async def _hits(self, queries: list[str], req: Any, D: np.ndarray, I: np.ndarray, gens: list[str],
-                    missing: list[int], mode: str) -> dict[str, Any]:
-        k = req.k
-        rows = self.catalog.lookup(np.unique(I[I >= 0]).tolist())
-        roots = tuple(r.rstrip("/") + "/" for r in self.catalog.roots())
-        out = []
-        for qi, q in enumerate(queries):
-            hits = []
-            for score, i in zip(D[qi], I[qi]):
-                c = rows.get(int(i))
-                if c is None or not (c.path + "/").startswith(roots) and not c.path.startswith(roots):
-                    continue
-                hits.append({"id": c.id, "score": float(score), "path": c.path, "kind": c.kind,
-                             "start": c.start, "end": c.end, "text": c.text})
-            if req.rerank and hits:  # re-score the top serve.rerank_candidates; the rest keep their order after them
-                n = min(len(hits), self.cfg.serve.rerank_candidates)
-                head, tail = hits[:n], hits[n:]
-                from workers.rerank import rerank_order
-
-                scores = await self.reranker.rerank.remote(q, [h["text"] for h in head])
-                for h, s in zip(head, scores):
-                    h["first_stage_score"], h["score"] = h["score"], float(s)
-                hits = [head[i] for i in rerank_order(scores)] + tail
-            hits = hits[:k]
-            for r, h in enumerate(hits, 1):
-                h["rank"] = r
-                if not req.full:
-                    flat = " ".join(h["text"].split())
-                    snip = self.cfg.query.snippet_chars
-                    h["text"] = flat if len(flat) <= snip else flat[:snip].rstrip() + "…"
-            out.append({"query": q, "hits": hits})
-        gen = gens[-1] if gens else (self._kw[0] if self._kw else None)
-        resp: dict[str, Any] = {"generation": gen, "mode": mode, "results": out}
-        if missing:
-            resp.update(partial=True, missing_shards=missing)
-        return resp
-
-    def _done(self, t0: float) -> None:
+    def _done(self, t0: float) -> float:
         self.requests += 1
-        self.latency_ms.append((time.perf_counter() - t0) * 1000)
+        ms = (time.perf_counter() - t0) * 1000
+        self.latency_ms.append(ms)
+        return round(ms, 2)
 
     # -- endpoints ----------------------------------------------------------
-    @api.get("/search")
-    async def search_get(self, request: Request, q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS),
-                         k: int = Query(10, ge=1, le=MAX_K), nprobe: Optional[int] = Query(None, ge=1, le=65536),
-                         rerank: bool = False, path_prefix: Optional[str] = None,
-                         file_type: Optional[list[str]] = Query(None), allow_partial: bool = False,
-                         full: bool = False, mode: Optional[str] = None) -> Any:
+    @api.get("/search", response_model=SearchResponse, responses=ERRORS,
+              response_model_exclude_defaults=True)
+    async def search_get(
+        self, request: Request,
+        q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, pattern=NOT_BLANK, description="the query")],
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+        nprobe: Annotated[Optional[int], Query(ge=1, le=MAX_NPROBE)] = None,
+        rerank: bool = False,
+        path_prefix: Annotated[Optional[str], Query(max_length=4096)] = None,
+        file_type: Annotated[Optional[list[FileType]], Query()] = None,
+        allow_partial: bool = False, full: bool = False, mode: Optional[Mode] = None,
+    ) -> Any:
         unknown = sorted(set(request.query_params) - SEARCH_PARAMS)
         if unknown:
             return error(422, [{"field": u, "msg": "unknown parameter", "type": "extra_forbidden"} for u in unknown])
         try:
             req = SearchRequest(q=q, k=k, nprobe=nprobe, rerank=rerank, path_prefix=path_prefix,
                                 file_type=file_type, allow_partial=allow_partial, full=full, mode=mode)
-        except Exception as e:  # pydantic.ValidationError
-            raise RequestValidationError(e.errors()) from e  # type: ignore[attr-defined]
+        except ValidationError as e:
+            return error(422, field_errors(e))
         return await self.search_post(req)
 
-    @api.post("/search")
+    @api.post("/search", response_model=SearchResponse, responses=ERRORS,
+              response_model_exclude_defaults=True)
     async def search_post(self, req: SearchRequest) -> Any:
         t0 = time.perf_counter()
-        xq = await self._encode([req.q], req.mode or self.cfg.query.mode, single=True)
-        res = await self._search([req.q], req, xq)
-        self._done(t0)
-        one = res["results"][0]
-        body = {"query": one["query"], "k": req.k, "mode": res["mode"], "generation": res["generation"],
-                "hits": one["hits"],
-                "ms": round((time.perf_counter() - t0) * 1000, 2)}
-        if res.get("partial"):
-            body.update(partial=True, missing_shards=res["missing_shards"])
+        ans = await self.core.search([req.q], req)
+        body = {"query": req.q, "k": req.k, "mode": ans.mode, "generation": ans.generation,
+                "hits": _snip(ans.hits[0], req.full, self.cfg.query.snippet_chars), "ms": self._done(t0)}
+        if ans.partial:
+            body.update(partial=True, missing_shards=ans.missing)
         return body
 
-    @api.post("/search/batch")
+    @api.post("/search/batch", response_model=BatchResponse, responses=ERRORS,
+              response_model_exclude_defaults=True)
     async def search_batch(self, req: BatchRequest) -> Any:
         if len(req.queries) > self.cfg.serve.max_batch_queries:
             return error(422, [{"field": "queries", "msg": f"at most {self.cfg.serve.max_batch_queries} queries "
                                 f"per batch, got {len(req.queries)}", "type": "too_long"}])
         t0 = time.perf_counter()
-        xq = await self._encode(req.queries, req.mode or self.cfg.query.mode, single=False)
-        res = await self._search(req.queries, req, xq)
-        self._done(t0)
-        res["ms"] = round((time.perf_counter() - t0) * 1000, 2)
-        return res
+        ans = await self.core.search(req.queries, req)
+        body = {"mode": ans.mode, "generation": ans.generation, "ms": 0.0,
+                "results": [{"query": q, "hits": _snip(hs, req.full, self.cfg.query.snippet_chars)}
+                            for q, hs in zip(req.queries, ans.hits)]}
+        if ans.partial:
+            body.update(partial=True, missing_shards=ans.missing)
+        body["ms"] = self._done(t0)
+        return body
 
-    @api.get("/healthz")
+    @api.get("/healthz", response_model=Health, responses={503: ERRORS[503]})
     async def healthz(self) -> Any:
         results = await gather_groups([h.info.remote() for h in self.searchers], 10.0)
         bad = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
@@ -378,17 +348,20 @@ class Ingress:
             return error(503, f"shard group(s) {bad} not loaded", missing_shards=bad)
         return {"status": "ok", "generation": sorted({r["generation"] for r in results})[-1]}
 
-    @api.get("/stats")
-    async def stats(self) -> Any:
+    @api.get("/stats", responses={401: ERRORS[401]})
+    async def stats(self) -> dict[str, Any]:
+        import asyncio
+
         results = await gather_groups([h.info.remote() for h in self.searchers], 10.0)
         enc = await gather_groups([self.encoder.info.remote()], 10.0)
         groups = [r if not isinstance(r, BaseException) else {"group": i, "error": str(r)[:200]}
                   for i, r in enumerate(results)]
         gens = sorted({g["generation"] for g in groups if "generation" in g})
-        counts = self.catalog.counts()
+        counts = await asyncio.to_thread(self.core._db, "counts")
         return {"generation": gens[-1] if gens else None, "shard_groups": groups,
                 "encoder": enc[0] if not isinstance(enc[0], BaseException) else {"error": str(enc[0])[:200]},
-                "catalog": counts, "requests": self.requests, "latency_ms": percentiles(list(self.latency_ms))}
+                "catalog": counts, "requests": self.requests, "latency_ms": percentiles(list(self.latency_ms)),
+                "stages_ms": self.core.stage_percentiles()}
 
 
 def run_serve(cfg: Config, *, detach: bool = False, out: Any = print) -> None:

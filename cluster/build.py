@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -32,8 +30,8 @@ from cluster.catalog import Catalog
 from cluster.config import Config
 from cluster.errors import ConfigError, CorruptFileError, ShoalError
 from index import generations, staging
-from index.factory import add_in_blocks, choose_factory, make_index, parse_nlist, train_sample
-from index.gpu import detect_gpus, use_gpu_clustering
+from index.factory import add_in_blocks, choose_factory, parse_nlist, train_sample, train_index
+from index.gpu import detect_gpus
 from index.ondisk import write_ondisk_shard
 from index.shards import plan_shards
 
@@ -47,15 +45,6 @@ def model_meta(cat: Catalog) -> dict[str, Any]:
     if raw is None:
         raise ShoalError("the catalog has no embedded chunks yet: run `shoal ingest PATH` first")
     return json.loads(raw)
-
-
-@dataclass(frozen=True)
-class Decision:
-    mode: Mode
-    factory: str
-    reason: str
-    base: Optional[Path] = None  # the live generation reused by merge/delta
-    base_manifest: Optional[dict[str, Any]] = None
 
 
 def _live_generation(data: Path, meta: dict[str, Any]) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
@@ -183,13 +172,6 @@ def _load_vectors(cfg: Config, cat: Catalog, ids: np.ndarray, d: int) -> np.ndar
     return xb
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _cpu_budget(cfg: Config) -> int:
     return int(cfg.index.cpu_memory) or psutil.virtual_memory().total // 2
 
@@ -204,17 +186,7 @@ def _build_main(cfg: Config, cat: Catalog, tmp: Path, ids: np.ndarray, factory: 
         trained = faiss.read_index(str(base_dir / "trained.index"))
         trained_for = int(base["trained_for"])
     else:
-        trained = make_index(factory, d)
-        xt = train_sample(xb, factory, cfg.index.train_sample_per_list)
-        if not trained.is_trained:
-            nlist = parse_nlist(factory)
-            if nlist and len(xt) < nlist:
-                raise ConfigError(f"index.factory: {factory!r} needs at least {nlist} training vectors, "
-                                  f"only {len(xt)} staged; use fewer lists or 'auto'")
-            on_gpu = use_gpu_clustering(trained)
-            trained.train(np.ascontiguousarray(xt))
-            if on_gpu:  # drop the reference to the temporary GPU clustering index
-                trained = faiss.deserialize_index(faiss.serialize_index(trained))
+        trained = train_index(factory, train_sample(xb, factory, cfg.index.train_sample_per_list))
         trained_for = len(xb)
     faiss.write_index(trained, str(tmp / "trained.index"))
     plan = plan_shards(len(ids), d, factory, detect_gpus(cfg.index.gpus), cpu_memory_bytes=_cpu_budget(cfg),
@@ -249,7 +221,7 @@ def _build_delta(cfg: Config, cat: Catalog, tmp: Path, base_dir: Optional[Path],
     main_files = [s["file"] for s in base["shards"]]
     main_files += [f.replace(".index", ".ivfdata") for f in main_files if (base_dir / f.replace(".index", ".ivfdata")).exists()]
     for f in main_files + ["trained.index", "ids.npy"]:
-        _link_or_copy(base_dir / f, tmp / f)
+        generations.link_or_copy(base_dir / f, tmp / f)
     delta = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     if len(added):
         add_in_blocks(delta, _load_vectors(cfg, cat, added, d), added)

@@ -190,7 +190,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"{'nprobe':>7} {'recall@' + str(args.k):>10} {'ms/query':>9}")
     for p in points:
         print(f"{p.nprobe:>7} {p.recall:>10.4f} {p.ms_per_query:>9.3f}")
-    print(f"nprobe {best} written to the live manifest")
+    from index import generations
+
+    print(f"nprobe {best} published as generation {generations.current_name(cfg.data_path)} "
+          "(running servers switch to it)")
     return 0
 
 

@@ -148,6 +148,7 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.005
     max_batch_queries: int = 64  # queries in one POST /search/batch
     max_body_bytes: Bytes = Bytes(1 << 20)
+    shard_timeout_s: float = 30.0  # a shard group that has not answered by then counts as down (503 / partial)
     reload_interval_s: float = 2.0  # how often replicas look for a new generation
     max_ongoing_requests: int = 128  # per replica; Serve's default (5) queues and backs off under load
     searcher_threads: int = 1  # FAISS OpenMP threads per ShardSearcher replica (many small searches at once)
@@ -250,7 +251,7 @@ def _check_values(cfg: Config) -> None:
     for key, v in {"serve.shard_groups": sv.shard_groups, "serve.batch_wait_timeout_s": sv.batch_wait_timeout_s,
                    "serve.num_cpus_ingress": sv.num_cpus_ingress, "serve.num_cpus_encoder": sv.num_cpus_encoder,
                    "serve.num_cpus_searcher": sv.num_cpus_searcher, "serve.num_cpus_reranker": sv.num_cpus_reranker,
-                   "serve.reload_interval_s": sv.reload_interval_s}.items():
+                   "serve.reload_interval_s": sv.reload_interval_s, "serve.shard_timeout_s": sv.shard_timeout_s}.items():
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v!r}")
     for i, g in enumerate(cfg.index.gpus):

@@ -1,9 +1,13 @@
-"""`shoal tune`: the smallest nprobe that reaches a target recall@k on the user's own vectors."""
+"""`shoal tune`: the smallest nprobe that reaches a target recall@k on the user's own vectors.
+
+The result is published as a new generation (the same files, hard-linked, and a
+manifest with the new nprobe), so running replicas, which follow CURRENT, pick
+it up like any other new generation.
+"""
 
 from __future__ import annotations
 
-import json
-import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +30,10 @@ class TunePoint:
 
 
 def recall_at_k(I: np.ndarray, Igt: np.ndarray, k: int) -> float:
-    """Mean |I[i, :k] ∩ Igt[i, :k]| / k over the queries."""
-    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(I, Igt)]))
+    """Mean |I[i, :k] ∩ Igt[i, :k]| / k over the queries (FAISS's knn_intersection_measure)."""
+    from faiss.contrib.evaluation import knn_intersection_measure
+
+    return float(knn_intersection_measure(I[:, :k], Igt[:, :k]))
 
 
 def nprobe_candidates(nlist: int) -> list[int]:
@@ -53,7 +59,7 @@ def sweep(gen: LoadedGeneration, xq: np.ndarray, Igt: np.ndarray, k: int, nlist:
 
 
 def tune(cfg: Config, target: float = 0.95, k: int = 10, nq: int = 500, seed: int = 0) -> tuple[int, list[TunePoint]]:
-    """Measure, then write the chosen nprobe into the live manifest. Returns (nprobe, sweep)."""
+    """Measure, then publish the chosen nprobe as a new generation. Returns (nprobe, sweep)."""
     if not 0 < target <= 1:
         raise ShoalError(f"--target-recall must be in (0, 1], got {target}")
     data = cfg.data_path
@@ -75,16 +81,20 @@ def tune(cfg: Config, target: float = 0.95, k: int = 10, nq: int = 500, seed: in
     points = sweep(gen, xq, Igt, k, int(m["nlist"]), target)
     best = next((p.nprobe for p in points if p.recall >= target), points[-1].nprobe)
     m = dict(m, nprobe=best, tuned={"target_recall": target, "k": k, "nq": len(xq), "at": time.time(),
-                                    "sweep": [p.__dict__ for p in points]})
-    write_manifest(gen_dir, m)
+                                    "sweep": [p.__dict__ for p in points], "from_generation": m["generation"]})
+    publish(data, gen_dir, m)
     return best, points
 
 
-def write_manifest(gen_dir: Path, m: dict) -> None:
-    """Replace a generation's manifest atomically (its checksums cover the other files)."""
-    tmp = gen_dir / f".manifest.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(m, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, gen_dir / generations.MANIFEST)
+def publish(data: Path, gen_dir: Path, m: dict) -> str:
+    """A new generation: ``gen_dir``'s files hard-linked (copied across filesystems) under manifest ``m``."""
+    tmp = generations.begin(data)
+    try:
+        for rel in m["files"]:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            generations.link_or_copy(gen_dir / rel, tmp / rel)
+        keep = {k: v for k, v in m.items() if k not in ("generation", "files", "created_at", "format")}
+        return generations.commit(data, tmp, keep)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -75,7 +75,7 @@ def train_sample(xb: np.ndarray, factory: str, per_list: int = 64, seed: int = 1
 
 
 def train_index(factory: str, xt: np.ndarray) -> faiss.Index:
-    """Train an empty index of ``factory`` on xt (ns, d)."""
+    """Train an empty index of ``factory`` on xt (ns, d): the coarse quantizer (and PQ) on the GPUs if any."""
     index = make_index(factory, xt.shape[1])
     if not index.is_trained:
         nlist = parse_nlist(factory)
@@ -84,7 +84,12 @@ def train_index(factory: str, xt: np.ndarray) -> faiss.Index:
                 f"index.factory: {factory!r} needs at least {nlist} training vectors, only {len(xt)} staged; "
                 "use fewer lists or 'auto'"
             )
+        from index.gpu import use_gpu_clustering
+
+        on_gpu = use_gpu_clustering(index)  # k-means on the GPUs where FAISS sees any
         index.train(np.ascontiguousarray(xt, dtype=np.float32))
+        if on_gpu:  # drop the reference to the temporary GPU clustering index
+            index = faiss.deserialize_index(faiss.serialize_index(index))
     return index
 
 

@@ -70,6 +70,14 @@ def next_name(data_dir: Path) -> str:
     return f"{(int(names[-1]) + 1) if names else 1:06d}"
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (a generation shares unchanged files with the last), or copy it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def begin(data_dir: Path) -> Path:
     """A fresh temp folder to build the next generation in."""
     tmp = generations_dir(data_dir) / f".tmp-{uuid.uuid4().hex[:8]}"

@@ -60,19 +60,6 @@ def to_gpu(index: faiss.Index, gpu_id: int) -> faiss.Index:
     return faiss.index_cpu_to_gpu(resources(gpu_id), gpu_id, index, co)
 
 
-def to_gpus_sharded(index: faiss.Index, gpu_ids: Sequence[int]) -> faiss.Index:
-    """FAISS's own even split over several GPUs (used when the plan's weights are equal)."""
-    co = faiss.GpuMultipleClonerOptions()
-    co.shard = True
-    co.useFloat16 = False
-    vres = faiss.GpuResourcesVector()
-    vdev = faiss.Int32Vector()
-    for g in gpu_ids:
-        vres.push_back(resources(g))
-        vdev.push_back(g)
-    return faiss.index_cpu_to_gpu_multiple(vres, vdev, index, co)
-
-
 def use_gpu_clustering(index: faiss.Index) -> bool:
     """Train the IVF coarse quantizer on the GPUs when there are any; returns whether it did."""
     ivf = faiss.try_extract_index_ivf(index)

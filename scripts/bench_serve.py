@@ -138,6 +138,7 @@ def main() -> int:
     print(f"# in-process: p50 {base['p50']:.2f} ms, {base['qps']:.1f} q/s single, {base['batch_qps']:.1f} q/s "
           "in batches of 32", file=sys.stderr)
     rows = []
+    stages: dict = {}
     for batching in (32, 1):
         log_path = Path(tempfile.mkstemp(suffix=".log")[1])
         p = start_server(a.data_dir, a.port, batching, log_path)
@@ -151,6 +152,8 @@ def main() -> int:
                     rows.append(r)
                     print(f"# batching {batching} batch {batch} conc {conc}: p50 {r['p50']:.1f} ms "
                           f"p99 {r['p99']:.1f} ms {r['rps']:.1f} req/s errors {r['errors']}", file=sys.stderr)
+            if batching == 32:
+                stages = httpx.get(url + "/stats", timeout=30).json().get("stages_ms", {})
         finally:
             stop_server(p)
     print(f"\n### Serving benchmark: {len(queries)} queries, loopback, {a.seconds:.0f} s per phase\n")
@@ -168,11 +171,18 @@ def main() -> int:
     one = next(r for r in rows if r["batching"] == 32 and r["batch"] == 1 and r["concurrency"] == 1)
     on32 = next(r for r in rows if r["batching"] == 32 and r["batch"] == 1 and r["concurrency"] == 32)
     off32 = next(r for r in rows if r["batching"] == 1 and r["batch"] == 1 and r["concurrency"] == 32)
-    print(f"\np50 at concurrency 1 over HTTP: {one['p50']:.1f} ms = {one['p50'] / base['p50']:.1f}x in-process "
-          f"({base['p50']:.1f} ms). Requests/s at concurrency 32: {on32['rps']:.1f} with dynamic batching, "
-          f"{off32['rps']:.1f} without ({on32['rps'] / off32['rps']:.2f}x).")
+    ratios = [("HTTP requests/s at c=32 / in-process batched queries/s", ">= 0.7", on32["rps"] / base["batch_qps"]),
+              ("HTTP p50 at c=1 / in-process p50", "<= 1.5", one["p50"] / base["p50"]),
+              ("with dynamic batching / without, requests/s at c=32", ">= 2", on32["rps"] / off32["rps"])]
+    print("\n| ratio | goal | measured |\n| --- | --- | ---: |")
+    for name, goal, v in ratios:
+        print(f"| {name} | {goal} | {v:.2f} |")
+    print("\nWhere a GET /search spends its time in the Ingress (p50 / p99 ms per stage, from /stats, batching on, "
+          "after every phase):\n\n| stage | p50 ms | p99 ms | n |\n| --- | ---: | ---: | ---: |")
+    for stage, v in stages.items():
+        print(f"| {stage} | {v['p50']:.2f} | {v['p99']:.2f} | {v['n']} |")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "in_process": base}, indent=2))
+        Path(a.json).write_text(json.dumps({"rows": rows, "in_process": base, "stages_ms": stages}, indent=2))
     return 0
 
 

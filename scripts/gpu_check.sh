@@ -12,6 +12,9 @@ if [ "${SHOAL_SKIP_SETUP:-0}" != 1 ]; then
   ./scripts/setup.sh test || { echo "gpu_check: set-up failed" >&2; exit 2; }
   # shellcheck disable=SC1091
   . .venv/bin/activate
+elif ! python -c "import shoal.cluster" 2>/dev/null; then
+  # an offline GPU box: the package itself (editable, no dependencies) so `shoal.*` imports
+  python -m pip install -q --no-deps --no-build-isolation -e . || { echo "gpu_check: cannot install shoal" >&2; exit 2; }
 fi
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SHOAL_GPU_CHECK=1 PYTHONUNBUFFERED=1
 export SHOAL_GPU_REPORT=${SHOAL_GPU_REPORT:-$(mktemp -t shoal-gpu-XXXXXX.json)}

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -79,7 +80,6 @@ class ShardSearcher:
         self._reload()
         if self.current is None:
             raise RuntimeError(f"shard group {group}: {self.load_error}")
-        self._stop = threading.Event()
         if reload_interval_s > 0:
             threading.Thread(target=self._watch, args=(reload_interval_s,), daemon=True).start()
 
@@ -108,7 +108,8 @@ class ShardSearcher:
         return True
 
     def _watch(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
+        while True:
+            time.sleep(every_s)
             self._reload()
 
     def check_health(self) -> None:
@@ -124,13 +125,10 @@ class ShardSearcher:
         D, I = gen.search(xq, k, allowed, nprobe=nprobe)  # per-call parameters: safe in Serve's thread pool
         return D, I, name
 
-    def reload_now(self) -> Optional[str]:
-        self._reload()
-        return self.current[0] if self.current else None
-
     def info(self) -> dict[str, Any]:
         name, gen, m = self.current  # type: ignore[misc]
-        return {"group": self.group, "generation": name, "shards": gen.shard_files, "devices": gen.devices,
+        return {"group": self.group, "generation": name, "nprobe": gen.nprobe, "shards": gen.shard_files,
+                "devices": gen.devices,
                 "ntotal": int(gen.main.ntotal), "delta": int(gen.delta.ntotal) if gen.delta is not None else 0,
                 "deleted": int(len(gen.deleted)), "pid": os.getpid(), "load_error": self.load_error,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import ROOT, cranfield_docs, write_docs
-from test_cluster_job import Head, env, free_port, shoal
+from test_cluster_job import Head, free_port, shoal
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -123,7 +123,7 @@ def wait_for(prom: Prometheus, expr: str, want, timeout: float = 90, at: float |
         if v == v and want(v):
             return v
         time.sleep(2)
-    names = sorted({m["__name__"] for m in prom.query('{__name__=~"ray_(shoal|serve)_.*"}')})
+    names = sorted({m["metric"]["__name__"] for m in prom.query('{__name__=~"ray_(shoal|serve)_.*"}')})
     raise AssertionError(f"{expr} = {v}; series present: {names}")
 
 
@@ -140,13 +140,12 @@ def test_prometheus_sees_the_ingest_and_the_queries(observed):
     labels = series["metric"]
     assert labels["run"] == str(report["run_id"]) and labels["card"] == "cpu" and labels["job"]
     assert labels["actor"] == report["actors"][0]["tag"]
-    # serving: 12 good and 2 bad /search requests at the proxy, latency observed
-    ok = wait_for(prom, 'sum(ray_serve_num_http_requests_total{route="/search",status_code="200"})',
-                  lambda v: v >= 12)
-    assert ok == 12
-    assert wait_for(prom, 'sum(ray_serve_num_http_requests_total{route="/search",status_code="422"})',
-                    lambda v: v >= 2) == 2
-    assert wait_for(prom, 'sum(ray_serve_http_request_latency_ms_count{route="/search"})', lambda v: v >= 14) >= 14
+    # serving: 12 good /search requests (and the health checks) and 2 bad ones at the proxy, latency observed
+    assert wait_for(prom, 'sum(ray_serve_num_http_requests_total{status_code="200"})', lambda v: v >= 12) >= 12
+    assert wait_for(prom, 'sum(ray_serve_num_http_requests_total{status_code="422"})', lambda v: v >= 2) == 2
+    assert wait_for(prom, "sum(ray_serve_http_request_latency_ms_count)", lambda v: v >= 14) >= 14
+    assert wait_for(prom, 'sum(ray_serve_deployment_request_counter_total{deployment="ShardSearcher0"})',
+                    lambda v: v >= 12) >= 12
 
 
 def test_every_dashboard_query_parses_and_returns_data(observed):

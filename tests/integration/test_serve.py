@@ -247,6 +247,64 @@ def test_killed_shard_replica_gives_503_then_recovers(served):
     assert r.status_code == 200 and "partial" not in r.json()
 
 
+def test_tuned_nprobe_reaches_the_running_server(served):
+    """`shoal tune` publishes a generation; the running replicas switch to it and search with its nprobe."""
+    from cluster.build import build_generation
+    from cluster.catalog import Catalog
+    from cluster.tune import tune
+    from index import generations
+
+    cfg, client, _, _, _ = served
+    ivf = replace(cfg, index=replace(cfg.index, factory="IVF4,Flat", nprobe=1))
+    with Catalog(ivf.data_path / "catalog.sqlite") as cat:
+        build_generation(ivf, cat)
+
+    def served_as(gen: str, timeout_s: float = 60) -> list[dict]:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            groups = client.get("/stats").json()["shard_groups"]
+            if all(g.get("generation") == gen for g in groups):
+                return groups
+            time.sleep(0.5)
+        raise AssertionError(f"replicas still on {groups}, want {gen}")
+
+    assert {g["nprobe"] for g in served_as(generations.current_name(cfg.data_path))} == {1}
+    best, _ = tune(ivf, target=1.0, nq=40)
+    assert best > 1
+    groups = served_as(generations.current_name(cfg.data_path))
+    assert {g["nprobe"] for g in groups} == {best}
+    assert client.get("/search", params={"q": QUERIES[0], "k": 3}).status_code == 200
+
+
+def test_concurrent_mixed_requests_equal_alone(served):
+    """64 requests at once (nprobe 1/4, dense/keyword/hybrid, with and without a filter) over HTTP each get
+    exactly what the same request gets alone: no request changes another's search settings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from index import generations
+
+    cfg, client, paths, _, _ = served
+    _, m = generations.open_current(cfg.data_path)
+    assert m["nlist"] == 4  # the IVF generation of the test above: nprobe matters
+    prefix = str(paths["1"].parent / "1")  # files 1.txt, 10.txt, ...
+    reqs = [{"q": QUERIES[i % 4], "k": 5, "nprobe": (1, 4)[(i // 12) % 2], "mode": ("dense", "keyword", "hybrid")[i % 3],
+             **({"path_prefix": prefix} if i % 5 == 0 else {})} for i in range(64)]
+
+    def ask(body: dict) -> list[tuple[int, float]]:
+        r = httpx.post(URL + "/search", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return [(h["id"], h["score"]) for h in r.json()["hits"]]
+
+    alone = [ask(b) for b in reqs]
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(ask, reqs))
+    for b, a, t in zip(reqs, alone, together):
+        assert [i for i, _ in a] == [i for i, _ in t], b
+        assert np.allclose([s for _, s in a], [s for _, s in t], atol=1e-5), b
+    # the settings change the answers, so the test could fail: i and i + 12 differ only in nprobe (1 / 4)
+    assert any(alone[i] != alone[i + 12] for i in range(52) if i % 5 and (i + 12) % 5)
+
+
 def test_token_required_when_configured(served):
     from ray import serve
 

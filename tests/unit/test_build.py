@@ -102,9 +102,12 @@ def test_ivf_flat_tuned_recall(filled):
     best, points = tune(cfg, target=0.95, nq=300)
     assert points[-1].recall >= 0.95 and points[-1].nprobe == best
     assert all(p.recall < 0.95 for p in points[:-1])  # the smallest such nprobe
-    _, m = generations.open_current(cfg.data_path)
+    gen_dir, m = generations.open_current(cfg.data_path)
     assert m["nprobe"] == best and m["tuned"]["target_recall"] == 0.95
-    generations.verify(*generations.open_current(cfg.data_path))  # manifest rewrite kept checksums valid
+    assert m["generation"] == "000002" and m["tuned"]["from_generation"] == "000001"  # published, not rewritten
+    generations.verify(gen_dir, m)
+    old = generations.generations_dir(cfg.data_path) / "000001"
+    assert (gen_dir / "shard_00.index").stat().st_ino == (old / "shard_00.index").stat().st_ino  # hard-linked
 
 
 def test_pq_refine_recall(tmp_path):
