@@ -26,10 +26,10 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.config import Config, config_from_dict
-from cluster.query import (MAX_K, MAX_NPROBE, MAX_QUERY_CHARS, NOT_BLANK, SEARCH_PARAMS, BatchRequest, DenseResult, FileType,
+from shoal.cluster.config import Config, config_from_dict
+from shoal.cluster.query import (MAX_K, MAX_NPROBE, MAX_QUERY_CHARS, NOT_BLANK, SEARCH_PARAMS, BatchRequest, DenseResult, FileType,
                            Mode, QueryCore, QueryError, SearchOptions, SearchRequest, Unavailable, field_errors)
-from workers.serving import QueryEncoder, Reranker, ShardSearcher, gather_groups, percentiles
+from shoal.workers.serving import QueryEncoder, Reranker, ShardSearcher, gather_groups, percentiles
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class AppArgs:
 def build_app(args: AppArgs) -> Any:
     """The whole application: one ShardSearcher deployment per shard group."""
     cfg = config_from_dict(args.cfg)
-    from cluster.app import Ingress  # the decorated class, defined below
+    from shoal.cluster.app import Ingress  # the decorated class, defined below
 
     sv, m = cfg.serve, cfg.model
     groups, gpus_per_group = plan_groups(cfg)
@@ -213,7 +213,7 @@ def plan_groups(cfg: Config) -> tuple[int, float]:
     """(shard groups, GPUs per group): one group per GPU of the live plan where the cluster has them."""
     import ray
 
-    from index import generations
+    from shoal.index import generations
 
     if cfg.serve.shard_groups:
         groups = cfg.serve.shard_groups
@@ -369,8 +369,8 @@ def run_serve(cfg: Config, *, detach: bool = False, out: Any = print) -> None:
     import signal
     import threading
 
-    from cluster.ray_env import init_ray
-    from index import generations
+    from shoal.cluster.ray_env import init_ray
+    from shoal.index import generations
 
     generations.open_current(cfg.data_path)  # a clear error now rather than a replica that cannot start
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)

@@ -26,14 +26,15 @@ import faiss
 import numpy as np
 import psutil
 
-from cluster.catalog import Catalog
-from cluster.config import Config
-from cluster.errors import ConfigError, CorruptFileError, ShoalError
-from index import generations, staging
-from index.factory import add_in_blocks, choose_factory, parse_nlist, train_sample, train_index
-from index.gpu import detect_gpus
-from index.ondisk import write_ondisk_shard
-from index.shards import plan_shards
+from shoal.cluster.catalog import Catalog
+from shoal.cluster.config import Config
+from shoal.index.errors import ConfigError, CorruptFileError, ShoalError
+from shoal.index import generations, staging
+from shoal.index.factory import add_in_blocks, choose_factory, parse_nlist, train_sample, train_index
+from shoal.index.gpu import detect_gpus
+from shoal.index.ondisk import write_ondisk_shard
+from shoal.index.shards import plan_shards
+from shoal.index import layout
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def build_generation(cfg: Config, cat: Catalog, *, retrain: bool = False) -> str
 
 
 def keyword_analysis(cfg: Config) -> Any:
-    from index.keyword import analysis_for
+    from shoal.index.keyword import analysis_for
 
     return analysis_for(cfg.index.keyword_language, cfg.index.keyword_stopwords)
 
@@ -135,7 +136,7 @@ def keyword_stale(cfg: Config, manifest: Optional[dict[str, Any]]) -> bool:
 
     A build then rebuilds it; until then queries use the generation's own analysis, never a mix.
     """
-    from index.keyword import Analysis
+    from shoal.index.keyword import Analysis
 
     if manifest is None:
         return False
@@ -146,7 +147,7 @@ def keyword_stale(cfg: Config, manifest: Optional[dict[str, Any]]) -> bool:
 
 
 def _build_keyword(cat: Catalog, tmp: Path, analysis: Any) -> dict[str, Any]:
-    from index.keyword import build_keyword_index
+    from shoal.index.keyword import build_keyword_index
 
     t0 = time.perf_counter()
     ids, texts = cat.chunk_texts()
@@ -156,13 +157,13 @@ def _build_keyword(cat: Catalog, tmp: Path, analysis: Any) -> dict[str, Any]:
 
 
 def _read_ids(gen_dir: Optional[Path]) -> Optional[np.ndarray]:
-    if gen_dir is None or not (gen_dir / "ids.npy").is_file():
+    if gen_dir is None or not (gen_dir / layout.IDS).is_file():
         return None
-    return np.load(gen_dir / "ids.npy", allow_pickle=False)
+    return np.load(gen_dir / layout.IDS, allow_pickle=False)
 
 
 def _load_vectors(cfg: Config, cat: Catalog, ids: np.ndarray, d: int) -> np.ndarray:
-    got, xb = staging.load_live(cfg.data_path / "staging", cat.part_names(), ids, d)
+    got, xb = staging.load_live(layout.staging(cfg.data_path), cat.part_names(), ids, d)
     if len(got) != len(ids) or not np.array_equal(got, ids):
         missing = np.setdiff1d(ids, got)
         raise CorruptFileError(
@@ -183,12 +184,12 @@ def _build_main(cfg: Config, cat: Catalog, tmp: Path, ids: np.ndarray, factory: 
     if ondisk and "RFlat" in factory:
         raise ConfigError("index.ondisk: a refine stage (,RFlat) keeps every vector in RAM; drop one of the two")
     if mode == "merge" and base_dir is not None and base is not None:
-        trained = faiss.read_index(str(base_dir / "trained.index"))
+        trained = faiss.read_index(str(base_dir / layout.TRAINED))
         trained_for = int(base["trained_for"])
     else:
         trained = train_index(factory, train_sample(xb, factory, cfg.index.train_sample_per_list))
         trained_for = len(xb)
-    faiss.write_index(trained, str(tmp / "trained.index"))
+    faiss.write_index(trained, str(tmp / layout.TRAINED))
     plan = plan_shards(len(ids), d, factory, detect_gpus(cfg.index.gpus), cpu_memory_bytes=_cpu_budget(cfg),
                        ondisk=ondisk, gpu_reserve_fraction=cfg.index.gpu_reserve_fraction)
     shards = []
@@ -202,8 +203,8 @@ def _build_main(cfg: Config, cat: Catalog, tmp: Path, ids: np.ndarray, factory: 
             add_in_blocks(idx, xs, ids_s)
             faiss.write_index(idx, str(tmp / f"{stem}.index"))
         shards.append(dict(spec.as_dict(), file=f"{stem}.index", ntotal=int(spec.i1 - spec.i0), ondisk=ondisk))
-    np.save(tmp / "ids.npy", ids)
-    compact_parts(cat, cfg.data_path / "staging", ids, xb)
+    np.save(tmp / layout.IDS, ids)
+    compact_parts(cat, layout.staging(cfg.data_path), ids, xb)
     return {"factory": factory, "nlist": parse_nlist(factory), "nprobe": _nprobe(cfg, base, factory),
             "shards": shards, "main_ntotal": int(len(ids)), "trained_for": trained_for}
 
@@ -220,13 +221,13 @@ def _build_delta(cfg: Config, cat: Catalog, tmp: Path, base_dir: Optional[Path],
     assert base_dir is not None and base is not None  # choose_mode only picks delta with a base
     main_files = [s["file"] for s in base["shards"]]
     main_files += [f.replace(".index", ".ivfdata") for f in main_files if (base_dir / f.replace(".index", ".ivfdata")).exists()]
-    for f in main_files + ["trained.index", "ids.npy"]:
+    for f in main_files + [layout.TRAINED, layout.IDS]:
         generations.link_or_copy(base_dir / f, tmp / f)
     delta = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     if len(added):
         add_in_blocks(delta, _load_vectors(cfg, cat, added, d), added)
-    faiss.write_index(delta, str(tmp / "delta.index"))
-    np.save(tmp / "deleted.npy", np.asarray(removed, dtype=np.int64))
+    faiss.write_index(delta, str(tmp / layout.DELTA))
+    np.save(tmp / layout.DELETED, np.asarray(removed, dtype=np.int64))
     keep = ("factory", "nlist", "nprobe", "tuned", "shards", "main_ntotal", "trained_for")
     m = {k: base[k] for k in keep if k in base}
     m.update(delta_ntotal=int(len(added)), deleted=int(len(removed)))

@@ -16,9 +16,9 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from cluster.chunking import Chunk
-from cluster.errors import CorruptFileError, ShoalError
-from cluster.scan import Skipped
+from shoal.cluster.chunking import Chunk
+from shoal.index.errors import CorruptFileError, ShoalError
+from shoal.cluster.scan import Skipped
 
 SCHEMA_VERSION = 1
 

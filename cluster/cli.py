@@ -10,8 +10,9 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from cluster.config import Config, load_config
-from cluster.errors import ShoalError
+from shoal.cluster.config import Config, load_config
+from shoal.index.errors import ShoalError
+from shoal.index import layout
 
 log = logging.getLogger("shoal")
 
@@ -127,7 +128,7 @@ scores, by mode (higher is better):
 
 
 def _print_hits(hits: Sequence[Any], full: bool, snippet_chars: int, out: Any = sys.stdout) -> None:
-    from cluster.scan import display_path
+    from shoal.cluster.scan import display_path
 
     if not hits:
         print("  (no hits)", file=out)
@@ -140,7 +141,7 @@ def _print_hits(hits: Sequence[Any], full: bool, snippet_chars: int, out: Any = 
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from cluster.ingest import ingest
+    from shoal.cluster.ingest import ingest
 
     cfg = _config(args)
     r = ingest(args.paths, cfg, build=not args.no_build)
@@ -158,13 +159,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace, retrain: bool = False) -> int:
-    from cluster.build import build_generation
-    from cluster.catalog import Catalog
-    from cluster.ingest import data_dir_lock
-    from index import generations
+    from shoal.cluster.build import build_generation
+    from shoal.cluster.catalog import Catalog
+    from shoal.cluster.ingest import data_dir_lock
+    from shoal.index import generations
 
     cfg = _config(args)
-    with data_dir_lock(cfg.data_path), Catalog(cfg.data_path / "catalog.sqlite") as cat:
+    with data_dir_lock(cfg.data_path), Catalog(layout.catalog(cfg.data_path)) as cat:
         name = build_generation(cfg, cat, retrain=retrain)
     _, m = generations.open_current(cfg.data_path)
     print(f"built generation {name} ({m['build_mode']}: {m['build_reason']}): {m['factory']}, "
@@ -181,8 +182,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from cluster.ingest import data_dir_lock
-    from cluster.tune import tune
+    from shoal.cluster.ingest import data_dir_lock
+    from shoal.cluster.tune import tune
 
     cfg = _config(args)
     with data_dir_lock(cfg.data_path):
@@ -190,7 +191,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"{'nprobe':>7} {'recall@' + str(args.k):>10} {'ms/query':>9}")
     for p in points:
         print(f"{p.nprobe:>7} {p.recall:>10.4f} {p.ms_per_query:>9.3f}")
-    from index import generations
+    from shoal.index import generations
 
     print(f"nprobe {best} published as generation {generations.current_name(cfg.data_path)} "
           "(running servers switch to it)")
@@ -215,7 +216,7 @@ class RemoteSearcher:
 
     def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None,
                mode: Optional[str] = None, rerank: bool = False) -> list[list[Any]]:
-        from cluster.search import Hit
+        from shoal.cluster.search import Hit
 
         out = []
         for q in queries:
@@ -239,7 +240,7 @@ class RemoteSearcher:
 def _searcher(args: argparse.Namespace, cfg: Config) -> Any:
     if getattr(args, "url", None):
         return RemoteSearcher(args.url, args.full, args.rerank, args.mode)
-    from cluster.search import Searcher
+    from shoal.cluster.search import Searcher
 
     return Searcher(cfg)
 
@@ -247,7 +248,7 @@ def _searcher(args: argparse.Namespace, cfg: Config) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from cluster.app import run_serve
+    from shoal.cluster.app import run_serve
 
     cfg = _config(args)
     if args.host or args.port:
@@ -275,7 +276,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from cluster import interactive
+    from shoal.cluster import interactive
 
     cfg = _config(args)
     k = args.k or cfg.query.k
@@ -293,8 +294,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 def status_dict(cfg: Config) -> dict[str, Any]:
     import faiss
 
-    from cluster.catalog import Catalog
-    from index import generations
+    from shoal.cluster.catalog import Catalog
+    from shoal.index import generations
 
     data = cfg.data_path
     st: dict[str, Any] = {"data_dir": str(data), "generation": None}
@@ -318,7 +319,7 @@ def status_dict(cfg: Config) -> dict[str, Any]:
         st["index"]["bytes"] = sum(f["bytes"] for f in m["files"].values())
         st["model"] = m["model"]
     st["generations"] = generations.list_generations(data)
-    cat_path = data / "catalog.sqlite"
+    cat_path = layout.catalog(data)
     if cat_path.exists():
         with Catalog(cat_path, readonly=True) as cat:
             st["counts"] = cat.counts()
@@ -330,7 +331,7 @@ def status_dict(cfg: Config) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cluster.scan import display_path
+    from shoal.cluster.scan import display_path
 
     cfg = _config(args)
     st = status_dict(cfg)
@@ -374,8 +375,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from cluster.ingest import data_dir_lock
-    from index import generations
+    from shoal.cluster.ingest import data_dir_lock
+    from shoal.index import generations
 
     cfg = _config(args)
     keep = args.keep if args.keep is not None else cfg.index.keep_generations

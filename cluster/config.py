@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from cluster.errors import ConfigError
+from shoal.index.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -222,7 +222,7 @@ def _check_values(cfg: Config) -> None:
             f"keyword_weight={q.keyword_weight!r}")
     if not 0 <= q.alpha <= 1:
         raise ConfigError(f"query.alpha: must be in [0, 1], got {q.alpha!r}")
-    from index.keyword import analysis_for
+    from shoal.index.keyword import analysis_for
 
     try:
         analysis_for(cfg.index.keyword_language, cfg.index.keyword_stopwords)

@@ -24,12 +24,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from cluster.catalog import Catalog, FileBatch
-from cluster.chunking import chunk_text
-from cluster.config import Config
-from cluster.errors import IndexMismatchError, ShoalError
-from cluster.scan import Skipped, SkipFile, read_text, walk
-from index import generations, staging
+from shoal.cluster.catalog import Catalog, FileBatch
+from shoal.cluster.chunking import chunk_text
+from shoal.cluster.config import Config
+from shoal.index.errors import IndexMismatchError, ShoalError
+from shoal.cluster.scan import Skipped, SkipFile, read_text, walk
+from shoal.index import generations, staging
+from shoal.index import layout
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class IngestReport:
 def data_dir_lock(data: Path) -> Iterator[None]:
     """One writer per data dir: a second ingest/build fails fast instead of interleaving."""
     data.mkdir(parents=True, exist_ok=True)
-    with open(data / "write.lock", "a+") as f:
+    with open(layout.lock(data), "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
@@ -114,9 +115,9 @@ class EmbedPool:
     def start(self) -> None:
         import ray
 
-        from cluster.ray_env import init_ray
-        from workers.actors import EmbedActor
-        from workers.embed import torch_threads_for
+        from shoal.cluster.ray_env import init_ray
+        from shoal.workers.actors import EmbedActor
+        from shoal.workers.embed import torch_threads_for
 
         init_ray(self.cfg.ray.address, num_cpus=self.cfg.ray.num_cpus, num_gpus=self.cfg.ray.num_gpus)
         m, e = self.cfg.model, self.cfg.embed
@@ -162,7 +163,7 @@ class EmbedPool:
         self._gauge()
 
     def _gauge(self) -> None:
-        from workers.metrics import ingest_metrics
+        from shoal.workers.metrics import ingest_metrics
 
         ingest_metrics().inflight_batches.set(len(self.inflight) + len(self.done),
                                               tags={"job": self.job, "run": self.run})
@@ -267,7 +268,7 @@ def ingest(paths: Sequence[str], cfg: Config, *, build: bool = True,
     roots = resolve_roots(paths)
     data = cfg.data_path
     with data_dir_lock(data):
-        cat = Catalog(data / "catalog.sqlite")
+        cat = Catalog(layout.catalog(data))
         try:
             return _ingest_locked(roots, cfg, cat, build, out, t0)
         finally:
@@ -277,7 +278,7 @@ def ingest(paths: Sequence[str], cfg: Config, *, build: bool = True,
 def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
                    out: Callable[[str], None], t0: float) -> IngestReport:
     data = cfg.data_path
-    stage = data / "staging"
+    stage = layout.staging(data)
     orphans = staging.remove_orphans(stage, cat.part_names())
     if orphans:
         log.info("removed %d uncommitted vector parts left by an interrupted run", len(orphans))
@@ -385,12 +386,12 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
         changed = report.chunks_added or report.chunks_removed or report.deleted
         live = generations.current_name(data)
         if build and live is not None and not changed:
-            from cluster.build import keyword_stale
+            from shoal.cluster.build import keyword_stale
 
             changed = keyword_stale(cfg, generations.read_manifest(generations.generations_dir(data) / live))
         needs_build = build and (changed or live is None)
         if needs_build and cat.get_meta("model") is not None:
-            from cluster.build import build_generation
+            from shoal.cluster.build import build_generation
 
             report.generation = build_generation(cfg, cat)
         else:
@@ -437,7 +438,7 @@ def push_metrics(r: IngestReport, pushed: Optional[dict[str, Any]]) -> Optional[
 
     if not ray.is_initialized():
         return pushed
-    from workers.metrics import ingest_metrics
+    from shoal.workers.metrics import ingest_metrics
 
     m = ingest_metrics()
     p = pushed or {"files": 0, "bytes": 0, "skipped": Counter()}
@@ -455,7 +456,7 @@ def _load_tokenizer(cfg: Config) -> Any:
     import transformers
     from transformers import AutoTokenizer
 
-    from workers.embed import resolve_model_path
+    from shoal.workers.embed import resolve_model_path
 
     transformers.utils.logging.set_verbosity_error()
     path = resolve_model_path(cfg.model.name)

@@ -21,8 +21,9 @@ from typing import Annotated, Any, Literal, Optional, Protocol, Sequence
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from cluster.config import Config
-from cluster.errors import ShoalError
+from shoal.cluster.config import Config
+from shoal.index.errors import ShoalError
+from shoal.index import layout
 
 MAX_K = 1000
 MAX_QUERY_CHARS = 4096
@@ -230,10 +231,10 @@ class QueryCore:
 
     # blocking helpers, run in threads
     def catalog(self) -> Any:
-        from cluster.catalog import Catalog
+        from shoal.cluster.catalog import Catalog
 
         if self._catalog is None:
-            self._catalog = Catalog(self.cfg.data_path / "catalog.sqlite", readonly=True)
+            self._catalog = Catalog(layout.catalog(self.cfg.data_path), readonly=True)
         return self._catalog
 
     def _db(self, fn: str, *args: Any) -> Any:
@@ -242,8 +243,8 @@ class QueryCore:
 
     def keyword_index(self, generation: Optional[str]) -> Any:
         """The BM25 index of ``generation`` (or CURRENT), with the analysis it was built with; None if it has none."""
-        from index import generations
-        from index.keyword import KeywordIndex
+        from shoal.index import generations
+        from shoal.index.keyword import KeywordIndex
 
         name = generation or generations.current_name(self.cfg.data_path)
         if name is None:
@@ -279,12 +280,12 @@ class QueryCore:
     # the path
     async def search(self, queries: list[str], opts: SearchOptions) -> Answer:
         """Hits for already validated queries (a SearchRequest/BatchRequest did that)."""
-        from index.fusion import fuse
+        from shoal.index.fusion import fuse
 
         q = self.cfg.query
         mode = opts.mode or q.mode
         if opts.rerank and not self.cfg.serve.rerank_model:
-            from workers.rerank import RERANK_OFF
+            from shoal.workers.rerank import RERANK_OFF
 
             raise Conflict(RERANK_OFF)
         t = time.perf_counter()
@@ -331,7 +332,7 @@ class QueryCore:
         return Answer([hs[:opts.k] for hs in hits], mode, generation, dense.missing if dense else [])
 
     async def _rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
-        from workers.rerank import rerank_order
+        from shoal.workers.rerank import rerank_order
 
         n = min(len(hits), self.cfg.serve.rerank_candidates)
         if n == 0:

@@ -1,7 +1,7 @@
 """In-process search over the live generation: the query core with a local backend.
 
 The CLI (`shoal query`, `shoal search`) and the evaluator use this; the Serve app
-uses the same core (:mod:`cluster.query`) with its deployments as the backend.
+uses the same core (:mod:`shoal.cluster.query`) with its deployments as the backend.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from cluster.config import Config
-from cluster.errors import CorruptFileError, IndexMismatchError
-from cluster.query import MAX_K, MAX_QUERY_CHARS, DenseResult, Hit, QueryCore, SearchOptions, validate
-from index import generations
-from index.search import LoadedGeneration
+from shoal.cluster.config import Config
+from shoal.index.errors import CorruptFileError, IndexMismatchError
+from shoal.cluster.query import MAX_K, MAX_QUERY_CHARS, DenseResult, Hit, QueryCore, SearchOptions, validate
+from shoal.index import generations
+from shoal.index.search import LoadedGeneration
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Searcher:
         except RuntimeError as e:
             raise CorruptFileError(f"cannot read the index in {self.gen_dir}: {str(e).splitlines()[-1]}") from e
         if lm is None:
-            from workers.embed import load_model
+            from shoal.workers.embed import load_model
 
             m = cfg.model
             lm = load_model(m.name, device=m.device, max_seq_length=m.max_seq_length,
@@ -88,14 +88,14 @@ class Searcher:
 
     async def rerank(self, query: str, texts: list[str]) -> list[float]:
         if self._reranker is None:
-            from workers.rerank import load_reranker
+            from shoal.workers.rerank import load_reranker
 
             self._reranker = load_reranker(self.cfg)
         return await asyncio.to_thread(self._reranker.score, query, texts)
 
     # -- the API the CLI and the evaluator use ---------------------------------------------------
     def embed(self, queries: Sequence[str]) -> np.ndarray:
-        from workers.embed import encode
+        from shoal.workers.embed import encode
 
         return encode(list(queries), self.lm, self.cfg.model.batch_size)
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from cluster.catalog import Catalog
-from cluster.config import Config
-from cluster.errors import ShoalError
-from index import generations, staging
-from index.search import LoadedGeneration
+from shoal.cluster.catalog import Catalog
+from shoal.cluster.config import Config
+from shoal.index.errors import ShoalError
+from shoal.index import generations, staging
+from shoal.index.search import LoadedGeneration
+from shoal.index import layout
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,9 @@ def tune(cfg: Config, target: float = 0.95, k: int = 10, nq: int = 500, seed: in
     if not m.get("nlist"):
         raise ShoalError(f"generation {m['generation']} is an exact {m['factory']} index: nothing to tune")
     gen = LoadedGeneration(gen_dir, m)
-    with Catalog(data / "catalog.sqlite", readonly=True) as cat:
+    with Catalog(layout.catalog(data), readonly=True) as cat:
         live = cat.chunk_ids()
-        ids, xb = staging.load_live(data / "staging", cat.part_names(), live, int(m["dim"]))
+        ids, xb = staging.load_live(layout.staging(data), cat.part_names(), live, int(m["dim"]))
     if len(ids) == 0:
         raise ShoalError("no vectors to tune on")
     rs = np.random.default_rng(seed)

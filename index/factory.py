@@ -9,7 +9,7 @@ import re
 import faiss
 import numpy as np
 
-from cluster.errors import ConfigError
+from shoal.index.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def train_index(factory: str, xt: np.ndarray) -> faiss.Index:
                 f"index.factory: {factory!r} needs at least {nlist} training vectors, only {len(xt)} staged; "
                 "use fewer lists or 'auto'"
             )
-        from index.gpu import use_gpu_clustering
+        from shoal.index.gpu import use_gpu_clustering
 
         on_gpu = use_gpu_clustering(index)  # k-means on the GPUs where FAISS sees any
         index.train(np.ascontiguousarray(xt, dtype=np.float32))

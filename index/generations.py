@@ -19,10 +19,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from cluster.errors import CorruptFileError, ShoalError
+from shoal.index.errors import CorruptFileError, ShoalError
+from shoal.index import layout
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = layout.MANIFEST
 
 
 def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
@@ -42,11 +43,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def generations_dir(data_dir: Path) -> Path:
-    return data_dir / "generations"
+    return layout.generations(data_dir)
 
 
 def current_name(data_dir: Path) -> Optional[str]:
-    p = data_dir / "CURRENT"
+    p = layout.current(data_dir)
     try:
         name = p.read_text(encoding="ascii").strip()
     except FileNotFoundError:
@@ -113,7 +114,7 @@ def commit(data_dir: Path, tmp: Path, manifest: dict[str, Any]) -> str:
 
 
 def set_current(data_dir: Path, name: str) -> None:
-    cur = data_dir / "CURRENT"
+    cur = layout.current(data_dir)
     tmp = data_dir / f".CURRENT.{uuid.uuid4().hex[:8]}"
     with open(tmp, "w", encoding="ascii") as f:
         f.write(name + "\n")

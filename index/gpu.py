@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import faiss
 
-from index.shards import Device
+from shoal.index.shards import Device
 
 log = logging.getLogger(__name__)
 _RESOURCES: dict[int, Any] = {}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from shoal.index import layout
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def build_keyword_index(texts: Sequence[str], ids: np.ndarray, out_dir: Path, an
         tokens, ids = _tokenize(["placeholder"], Analysis(None, None)), np.array([-1])
     retriever = bm25s.BM25()
     retriever.index(tokens, show_progress=False)
-    retriever.save(str(out_dir / "bm25"), allow_pickle=False, show_progress=False)
-    np.save(out_dir / "bm25_ids.npy", np.asarray(ids, dtype=np.int64))
+    retriever.save(str(out_dir / layout.BM25), allow_pickle=False, show_progress=False)
+    np.save(out_dir / layout.BM25_IDS, np.asarray(ids, dtype=np.int64))
 
 
 class KeywordIndex:
@@ -100,13 +101,13 @@ class KeywordIndex:
         import bm25s
 
         self.analysis = analysis
-        self.retriever = bm25s.BM25.load(str(gen_dir / "bm25"), allow_pickle=False, show_progress=False,
+        self.retriever = bm25s.BM25.load(str(gen_dir / layout.BM25), allow_pickle=False, show_progress=False,
                                          verbosity=0)
-        self.ids = np.load(gen_dir / "bm25_ids.npy", allow_pickle=False)
+        self.ids = np.load(gen_dir / layout.BM25_IDS, allow_pickle=False)
 
     @staticmethod
     def exists(gen_dir: Path) -> bool:
-        return (gen_dir / "bm25_ids.npy").is_file()
+        return (gen_dir / layout.BM25_IDS).is_file()
 
     @classmethod
     def open(cls, gen_dir: Path, manifest: dict[str, Any]) -> Optional["KeywordIndex"]:

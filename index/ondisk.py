@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from index.factory import add_in_blocks
+from shoal.index.factory import add_in_blocks
 
 READ_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
+from shoal.index import layout
 
 
 def search_merged(main: faiss.Index, delta: faiss.Index | None, deleted: np.ndarray, xq: np.ndarray,
@@ -54,8 +55,8 @@ class LoadedGeneration:
                  k_factor: float = 0) -> None:
         import logging
 
-        from index.gpu import num_gpus, to_gpu
-        from index.ondisk import read_ondisk
+        from shoal.index.gpu import num_gpus, to_gpu
+        from shoal.index.ondisk import read_ondisk
 
         log = logging.getLogger(__name__)
         self.manifest = manifest
@@ -89,10 +90,10 @@ class LoadedGeneration:
             for idx in shards:
                 self.main.add_shard(idx)
         self._shards = shards  # keep the Python owners alive
-        has_delta = group == 0 and (gen_dir / "delta.index").exists()
-        self.delta = faiss.read_index(str(gen_dir / "delta.index")) if has_delta else None
-        self.deleted = (np.load(gen_dir / "deleted.npy", allow_pickle=False)
-                        if (gen_dir / "deleted.npy").exists() else np.empty(0, np.int64))
+        has_delta = group == 0 and (gen_dir / layout.DELTA).exists()
+        self.delta = faiss.read_index(str(gen_dir / layout.DELTA)) if has_delta else None
+        self.deleted = (np.load(gen_dir / layout.DELETED, allow_pickle=False)
+                        if (gen_dir / layout.DELETED).exists() else np.empty(0, np.int64))
 
     @property
     def ntotal(self) -> int:
@@ -117,7 +118,7 @@ class LoadedGeneration:
         k_factor) go into per-call SearchParameters: the loaded index is never
         changed by a search, so concurrent searches cannot disturb each other.
         """
-        from index.factory import search_params
+        from shoal.index.factory import search_params
 
         sel = self._selector(allowed) if allowed is not None else None
         params = search_params(self.main, nprobe or self.nprobe, k_factor or self.k_factor, sel)
@@ -126,7 +127,7 @@ class LoadedGeneration:
 
     def live_ids(self) -> np.ndarray:
         """Every id a search can return, sorted (for consistency checks)."""
-        from index.factory import index_ids
+        from shoal.index.factory import index_ids
 
         ids = index_ids(self.main)
         if self.delta is not None:

@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Literal, Optional, Sequence
 
-from cluster.errors import ShoalError
+from shoal.index.errors import ShoalError
 
 Placement = Literal["gpu", "cpu", "ondisk"]
 

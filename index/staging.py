@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from cluster.errors import CorruptFileError
+from shoal.index.errors import CorruptFileError
 
 
 def write_part(staging: Path, ids: np.ndarray, xb: np.ndarray) -> str:

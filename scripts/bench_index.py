@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import faiss  # noqa: E402
 
-from index.factory import add_in_blocks, nlist_for, train_sample  # noqa: E402
-from index.ondisk import read_ondisk, write_ondisk_shard  # noqa: E402
+from shoal.index.factory import add_in_blocks, nlist_for, train_sample  # noqa: E402
+from shoal.index.ondisk import read_ondisk, write_ondisk_shard  # noqa: E402
 
 
 def clustered(n: int, d: int, nc: int, seed: int, latent: int = 64) -> np.ndarray:
@@ -69,7 +69,7 @@ RSS_CHILD = r"""
 import sys, json, numpy as np
 sys.path.insert(0, sys.argv[4])
 import faiss
-from index.ondisk import read_ondisk
+from shoal.index.ondisk import read_ondisk
 def status(key):
     for line in open('/proc/self/status'):
         if line.startswith(key): return int(line.split()[1]) * 1024

@@ -41,8 +41,8 @@ import faiss, numpy as np
 from sentence_transformers import SentenceTransformer
 from transformers import AutoTokenizer
 sys.path.insert(0, sys.argv[3])
-from cluster.chunking import chunk_text
-from workers.embed import resolve_model_path
+from shoal.cluster.chunking import chunk_text
+from shoal.workers.embed import resolve_model_path
 path = resolve_model_path("all-MiniLM-L6-v2")
 model = SentenceTransformer(path, device="cpu")
 tok = AutoTokenizer.from_pretrained(path)
@@ -60,8 +60,8 @@ print(json.dumps({"chunks": len(texts), "seconds": time.perf_counter() - t0}))
 
 def make_corpus(beir: Path, out: Path, min_chunks: int, n_docs: int = 0) -> tuple[int, int]:
     """Write the documents, repeated; returns (files, repeat)."""
-    from cluster.chunking import chunk_text
-    from workers.embed import resolve_model_path
+    from shoal.cluster.chunking import chunk_text
+    from shoal.workers.embed import resolve_model_path
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
@@ -100,7 +100,7 @@ def shoal_ingest(corpus: Path, work: Path, actors: int, env: dict[str, str], ded
     cfg.write_text(yaml.safe_dump({"embed": {"cpu_actors": actors, "threads_per_actor": 0, "dedup": dedup}}))
     data = work / f"data_{actors}_{dedup}_{corpus.name}"
     shutil.rmtree(data, ignore_errors=True)
-    wall, peak, out = run_measured([sys.executable, "-m", "cluster.cli", "ingest", str(corpus), "--config",
+    wall, peak, out = run_measured([sys.executable, "-m", "shoal.cluster.cli", "ingest", str(corpus), "--config",
                                     str(cfg), "--data-dir", str(data), "--json"], env)
     rep = json.loads(out[out.index("{"):])
     return {"chunks": rep["chunks_added"], "seconds": wall, "rss": peak, "files": rep["files_seen"]}

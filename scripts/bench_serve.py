@@ -48,7 +48,7 @@ def start_server(data_dir: str, port: int, batch: int, log_path: Path) -> subpro
     cfg_path = Path(tempfile.mkstemp(suffix=".yaml")[1])
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(cfg_path),
+    p = subprocess.Popen([sys.executable, "-m", "shoal.cluster.cli", "serve", "--config", str(cfg_path),
                           "--data-dir", data_dir], cwd=ROOT, env=env, stdout=open(log_path, "w"),
                          stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -104,8 +104,8 @@ async def load(url: str, queries: list[str], concurrency: int, seconds: float, b
 
 
 def in_process(data_dir: str, queries: list[str]) -> dict:
-    from cluster.config import load_config
-    from cluster.search import Searcher
+    from shoal.cluster.config import load_config
+    from shoal.cluster.search import Searcher
 
     s = Searcher(load_config(None, data_dir=data_dir))
     s.search(queries[:5], k=10)  # warm up

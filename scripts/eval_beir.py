@@ -134,7 +134,7 @@ def bm25_baseline(docs: list[dict], queries: dict[str, str]) -> dict[str, dict[s
 
 
 def ingest(docs_dir: Path, data: Path, config: Optional[str]) -> float:
-    cmd = [sys.executable, "-m", "cluster.cli", "ingest", str(docs_dir), "--data-dir", str(data), "--json"]
+    cmd = [sys.executable, "-m", "shoal.cluster.cli", "ingest", str(docs_dir), "--data-dir", str(data), "--json"]
     if config:
         cmd += ["--config", config]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
@@ -147,7 +147,7 @@ def ingest(docs_dir: Path, data: Path, config: Optional[str]) -> float:
 
 def in_process_runs(cfg: Any, queries: dict[str, str], modes: list[str], nprobe: Optional[int] = None,
                     searcher: Any = None, rerank: bool = False) -> dict[str, dict[str, dict[str, float]]]:
-    from cluster.search import Searcher
+    from shoal.cluster.search import Searcher
 
     s = searcher or Searcher(cfg)
     qids = list(queries)
@@ -182,7 +182,7 @@ def tune_fusion(s: Any, queries: dict[str, str], qrels: dict[str, dict[str, int]
     """
     from dataclasses import replace
 
-    from index.fusion import fuse
+    from shoal.index.fusion import fuse
 
     k = DEPTH * 3 + 16  # what Searcher.search(k=DEPTH * 3) asks of search_ids
     n = max(k, s.cfg.query.fusion_candidates)
@@ -252,7 +252,7 @@ def main(argv: Optional[list[str]] = None, out: Callable[[str], None] = print) -
     ap.add_argument("--http-modes", default=None, help="modes sent over HTTP (default: --modes)")
     ap.add_argument("--out", default=None, help="per-query scores as JSON")
     a = ap.parse_args(argv)
-    from cluster.config import load_config
+    from shoal.cluster.config import load_config
 
     ds = Path(a.dataset)
     docs, queries, qrels = load_beir(ds, a.limit_docs)
@@ -266,7 +266,7 @@ def main(argv: Optional[list[str]] = None, out: Callable[[str], None] = print) -
     modes = a.modes.split(",")
     from dataclasses import replace
 
-    from cluster.search import Searcher
+    from shoal.cluster.search import Searcher
 
     s = Searcher(cfg)
     tune_q, report_q = split_queries(sorted(queries), a.seed) if a.tune_fusion else ([], sorted(queries))
@@ -294,7 +294,7 @@ def main(argv: Optional[list[str]] = None, out: Callable[[str], None] = print) -
             runs.update({f"shoal {m} (HTTP)": r for m, r in http_runs(a.url, queries, hmodes, rerank=True).items()})
     s.close()
     scores = {name: evaluate(qrels, run) for name, run in runs.items()}
-    from index import generations
+    from shoal.index import generations
 
     _, man = generations.open_current(data)
     out(f"\n### {ds.name}: {len(docs)} documents, {len(queries)} judged queries, "

@@ -51,14 +51,14 @@ def write_docs(docs: list[dict], out: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def lm():
-    from workers.embed import load_model
+    from shoal.workers.embed import load_model
 
     return load_model(threads=2)
 
 
 @pytest.fixture
 def test_cfg(tmp_path):
-    from cluster.config import load_config
+    from shoal.cluster.config import load_config
 
     cfg = load_config(ROOT / "configs" / "test.yaml")
     return replace(cfg, data_dir=str(tmp_path / "data"))
@@ -69,7 +69,7 @@ def ray_local():
     """One local Ray (loopback only) for the whole session."""
     import ray
 
-    from cluster.ray_env import init_ray
+    from shoal.cluster.ray_env import init_ray
 
     init_ray(num_cpus=2)
     yield ray
@@ -84,7 +84,7 @@ def tiny_cross_encoder(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from workers.embed import resolve_model_path
+    from shoal.workers.embed import resolve_model_path
 
     if (out / "config.json").is_file():
         return out

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import ray
 
-from workers.embed import encode, load_model
+from shoal.workers.embed import encode, load_model
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class EmbedActor:
         """texts -> (n, d) float32, L2-normalised."""
         import time
 
-        from workers.metrics import ingest_metrics
+        from shoal.workers.metrics import ingest_metrics
 
         t0 = time.perf_counter()
         xb = encode(texts, self.lm, self.batch_size)

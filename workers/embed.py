@@ -1,7 +1,7 @@
 """Sentence embeddings: mean pooling over the attention mask, L2-normalised.
 
 Plain functions (``load_model``, ``encode``) that tests call without Ray; the
-Ray actor in :mod:`workers.actors` only holds a loaded model and delegates here.
+Ray actor in :mod:`shoal.workers.actors` only holds a loaded model and delegates here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cluster.errors import ShoalError
+from shoal.index.errors import ShoalError
 
 log = logging.getLogger(__name__)
 

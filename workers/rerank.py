@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from cluster.errors import ShoalError
+from shoal.index.errors import ShoalError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class CrossEncoder:
 
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from workers.embed import pick_device, resolve_model_path
+        from shoal.workers.embed import pick_device, resolve_model_path
 
         path = resolve_model_path(name)
         local = Path(path).is_dir() or not allow_download

@@ -27,7 +27,7 @@ class QueryEncoder:
 
     def __init__(self, model_name: str, max_seq_length: int, device: str, allow_download: bool,
                  threads: int = 0) -> None:
-        from workers.embed import load_model
+        from shoal.workers.embed import load_model
 
         self.lm = load_model(model_name, device=device, max_seq_length=max_seq_length,
                              allow_download=allow_download, threads=threads)
@@ -40,14 +40,14 @@ class QueryEncoder:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def encode_one(self, texts: list[str]) -> list[np.ndarray]:
-        from workers.embed import encode
+        from shoal.workers.embed import encode
 
         self.batch_sizes.append(len(texts))
         return list(encode(texts, self.lm, batch_size=max(len(texts), 1)))
 
     async def encode_many(self, texts: Sequence[str]) -> np.ndarray:
         """One forward pass for a whole batch request: (n, d)."""
-        from workers.embed import encode
+        from shoal.workers.embed import encode
 
         self.batch_sizes.append(len(texts))
         return encode(list(texts), self.lm, batch_size=64)
@@ -84,8 +84,8 @@ class ShardSearcher:
             threading.Thread(target=self._watch, args=(reload_interval_s,), daemon=True).start()
 
     def _reload(self) -> bool:
-        from index import generations
-        from index.search import LoadedGeneration
+        from shoal.index import generations
+        from shoal.index.search import LoadedGeneration
 
         try:
             name = generations.current_name(self.data)
@@ -139,7 +139,7 @@ class Reranker:
     """Re-scores (query, chunk) pairs with the cross-encoder in serve.rerank_model (deployed only then)."""
 
     def __init__(self, cross_encoder: str, allow_download: bool, device: str = "auto") -> None:
-        from workers.rerank import CrossEncoder
+        from shoal.workers.rerank import CrossEncoder
 
         self.ce = CrossEncoder(cross_encoder, allow_download=allow_download, device=device)
 

@@ -24,7 +24,7 @@ def _has_cuda() -> bool:
 
 def _faiss_gpus() -> int:
     try:
-        from index.gpu import num_gpus
+        from shoal.index.gpu import num_gpus
     except ImportError:
         return 0
     return num_gpus()
@@ -49,7 +49,7 @@ def test_devices(report):
     try:
         import faiss
 
-        from index.gpu import num_gpus
+        from shoal.index.gpu import num_gpus
 
         report("faiss", faiss.__version__, f"{num_gpus()} GPU(s) seen by FAISS"
                + ("" if hasattr(faiss, "StandardGpuResources") else ": CPU-only build"))
@@ -62,7 +62,7 @@ def test_encode_on_gpu_equals_cpu(report, model_name, texts):
     """The same model on the card and on the CPU gives the same vectors; chunks/s on the card."""
     import torch
 
-    from workers.embed import encode, load_model
+    from shoal.workers.embed import encode, load_model
 
     gpu = load_model(model_name, device="cuda", max_seq_length=256)
     cpu = load_model(model_name, device="cpu", max_seq_length=256)
@@ -97,9 +97,9 @@ def test_embed_actors_one_per_gpu(report, model_name, texts):
     import ray
     import torch
 
-    from cluster.config import load_config
-    from cluster.ingest import EmbedPool
-    from cluster.ray_env import init_ray
+    from shoal.cluster.config import load_config
+    from shoal.cluster.ingest import EmbedPool
+    from shoal.cluster.ray_env import init_ray
 
     n = torch.cuda.device_count()
     cfg = load_config(ROOT / "configs" / "test.yaml")
@@ -144,8 +144,8 @@ def test_shard_plan_from_real_cards(report):
     """The plan made from the cards' own memory: one shard per card, sized by memory."""
     import torch
 
-    from index.gpu import cuda_cards
-    from index.shards import bytes_per_vector, plan_shards
+    from shoal.index.gpu import cuda_cards
+    from shoal.index.shards import bytes_per_vector, plan_shards
 
     devs = cuda_cards()
     assert len(devs) == torch.cuda.device_count()
@@ -174,8 +174,8 @@ def test_gpu_search_equals_cpu(report):
     """index_cpu_to_gpu shards: the same ids as the CPU search at the same nprobe."""
     import faiss
 
-    from index.factory import make_index
-    from index.gpu import num_gpus, to_gpu
+    from shoal.index.factory import make_index
+    from shoal.index.gpu import num_gpus, to_gpu
 
     d, nb, nq, k, nprobe = 384, 200_000, 1_000, 10, 16
     xb, xq = _clustered(nb, d, 1), _clustered(nq, d, 2)
@@ -212,8 +212,8 @@ def test_gpu_kmeans(report):
     """The coarse quantizer trained on the GPUs, as a build does."""
     import faiss
 
-    from index.factory import make_index
-    from index.gpu import use_gpu_clustering
+    from shoal.index.factory import make_index
+    from shoal.index.gpu import use_gpu_clustering
 
     d, n = 384, 262_144
     xt = _clustered(n, d, 3)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, cranfield_docs, write_docs
 
-SHOAL = [sys.executable, "-m", "cluster.cli"]
+SHOAL = [sys.executable, "-m", "shoal.cluster.cli"]
 
 
 def run(*args, data_dir=None, input=None, timeout=300):
@@ -110,7 +110,7 @@ def test_keyword_analysis_change_rebuilds_and_is_recorded(ingested, tmp_path):
     """A new analysis is applied by the next ingest (even with no file changed), never mixed with the old."""
     import shutil
 
-    from index import generations
+    from shoal.index import generations
 
     src, _ = ingested
     data = tmp_path / "data"

@@ -88,7 +88,7 @@ class Head:
 
 
 def shoal(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env(),
+    return subprocess.Popen([sys.executable, "-m", "shoal.cluster.cli", *args], cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -111,8 +111,8 @@ def parts(data: Path) -> int:
 
 
 def index_ids(data: Path) -> np.ndarray:
-    from index import generations
-    from index.search import LoadedGeneration
+    from shoal.index import generations
+    from shoal.index.search import LoadedGeneration
 
     return LoadedGeneration(*generations.open_current(data)).live_ids()
 

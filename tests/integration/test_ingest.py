@@ -4,10 +4,10 @@
 import numpy as np
 import pytest
 
-from cluster.catalog import Catalog
-from cluster.ingest import ingest
-from cluster.search import Searcher
-from index import generations
+from shoal.cluster.catalog import Catalog
+from shoal.cluster.ingest import ingest
+from shoal.cluster.search import Searcher
+from shoal.index import generations
 
 from conftest import cranfield_docs, write_docs
 

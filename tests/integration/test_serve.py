@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
-from cluster.app import AppArgs, build_app, config_to_dict
-from cluster.ingest import ingest
-from cluster.search import Searcher
+from shoal.cluster.app import AppArgs, build_app, config_to_dict
+from shoal.cluster.ingest import ingest
+from shoal.cluster.search import Searcher
 
 from conftest import cranfield_docs, write_docs
 
@@ -39,7 +39,7 @@ def wait_healthy(client, timeout_s=120):
 def served(tmp_path_factory, ray_local):
     from ray import serve
 
-    from cluster.config import load_config
+    from shoal.cluster.config import load_config
     from conftest import ROOT
 
     tmp = tmp_path_factory.mktemp("serve")
@@ -249,10 +249,10 @@ def test_killed_shard_replica_gives_503_then_recovers(served):
 
 def test_tuned_nprobe_reaches_the_running_server(served):
     """`shoal tune` publishes a generation; the running replicas switch to it and search with its nprobe."""
-    from cluster.build import build_generation
-    from cluster.catalog import Catalog
-    from cluster.tune import tune
-    from index import generations
+    from shoal.cluster.build import build_generation
+    from shoal.cluster.catalog import Catalog
+    from shoal.cluster.tune import tune
+    from shoal.index import generations
 
     cfg, client, _, _, _ = served
     ivf = replace(cfg, index=replace(cfg.index, factory="IVF4,Flat", nprobe=1))
@@ -281,7 +281,7 @@ def test_concurrent_mixed_requests_equal_alone(served):
     exactly what the same request gets alone: no request changes another's search settings."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from index import generations
+    from shoal.index import generations
 
     cfg, client, paths, _, _ = served
     _, m = generations.open_current(cfg.data_path)

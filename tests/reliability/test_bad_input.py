@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.catalog import Catalog
-from cluster.config import Config
-from cluster.ingest import ingest
-from cluster.scan import SkipFile, read_text, walk
+from shoal.cluster.catalog import Catalog
+from shoal.cluster.config import Config
+from shoal.cluster.ingest import ingest
+from shoal.cluster.scan import SkipFile, read_text, walk
 
 
 def test_hostile_files_end_indexed_or_skipped(tmp_path, test_cfg, ray_local):
@@ -91,7 +91,7 @@ CASES = list(_wrong_values(Config))
 
 @pytest.mark.parametrize("key,value", CASES, ids=[k for k, _ in CASES])
 def test_every_key_with_a_wrong_type_exits_2_naming_it(tmp_path, capsys, key, value):
-    from cluster.cli import main
+    from shoal.cluster.cli import main
 
     doc: dict = {}
     node = doc
@@ -113,7 +113,7 @@ def test_every_key_with_a_wrong_type_exits_2_naming_it(tmp_path, capsys, key, va
     ("query.rrf_k", 0), ("scan.max_file_bytes", "0"), ("index.gpus", [{"name": "a", "memory": "0"}]),
 ])
 def test_out_of_range_values_exit_2(tmp_path, capsys, key, value):
-    from cluster.cli import main
+    from shoal.cluster.cli import main
 
     sec, k = key.split(".")
     cfg = tmp_path / "bad.yaml"

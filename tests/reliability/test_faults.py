@@ -8,10 +8,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from cluster.errors import CorruptFileError, ShoalError
-from cluster.ingest import ingest
-from cluster.search import Searcher
-from index import generations
+from shoal.index.errors import CorruptFileError, ShoalError
+from shoal.cluster.ingest import ingest
+from shoal.cluster.search import Searcher
+from shoal.index import generations
 
 from conftest import ROOT, cranfield_docs, write_docs
 
@@ -19,7 +19,7 @@ from conftest import ROOT, cranfield_docs, write_docs
 @pytest.fixture(scope="module")
 def base_data(tmp_path_factory, ray_local):
 
-    from cluster.config import load_config
+    from shoal.cluster.config import load_config
 
     tmp = tmp_path_factory.mktemp("faults")
     write_docs(cranfield_docs(25), tmp / "docs")
@@ -80,14 +80,14 @@ def test_damaged_catalog_is_named(cfg, lm):
 def test_cli_reports_corruption_with_exit_2(cfg):
     gen_dir, _ = generations.open_current(cfg.data_path)
     tear(gen_dir / "shard_00.index")
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", "query", "wing", "--data-dir", str(cfg.data_path)],
+    r = subprocess.run([sys.executable, "-m", "shoal.cluster.cli", "query", "wing", "--data-dir", str(cfg.data_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "shard_00.index" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_pickled_vector_part_is_refused(cfg):
-    from cluster.catalog import Catalog
-    from index import staging
+    from shoal.cluster.catalog import Catalog
+    from shoal.index import staging
 
     with Catalog(cfg.data_path / "catalog.sqlite") as cat:
         name = cat.part_names()[0]
@@ -107,7 +107,7 @@ def test_disk_full_while_writing_a_generation(cfg, lm):
         import resource, sys
         sys.path.insert(0, {str(ROOT)!r})
         resource.setrlimit(resource.RLIMIT_FSIZE, (48_000, 48_000))  # the catalog opens; shards do not fit
-        from cluster.cli import main
+        from shoal.cluster.cli import main
         sys.exit(main(["reindex", "--config", "configs/test.yaml", "--data-dir", {str(cfg.data_path)!r}]))
     """)
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -125,8 +125,8 @@ def test_failed_build_keeps_serving_searcher_unchanged(cfg, lm):
     """A build that raises midway (bad factory) publishes nothing."""
     from dataclasses import replace
 
-    from cluster.build import build_generation
-    from cluster.catalog import Catalog
+    from shoal.cluster.build import build_generation
+    from shoal.cluster.catalog import Catalog
 
     before = generations.current_name(cfg.data_path)
     bad = replace(cfg, index=replace(cfg.index, factory="IVF100000,Flat"))

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.app import AppArgs, build_app, config_to_dict
-from cluster.ingest import ingest
+from shoal.cluster.app import AppArgs, build_app, config_to_dict
+from shoal.cluster.ingest import ingest
 
 from conftest import ROOT, cranfield_docs, write_docs
 
@@ -26,7 +26,7 @@ QUIET = {"log_level": "WARNING", "enable_access_log": False}
 def app(tmp_path_factory, ray_local):
     from ray import serve
 
-    from cluster.config import load_config
+    from shoal.cluster.config import load_config
 
     tmp = tmp_path_factory.mktemp("http")
     write_docs(cranfield_docs(20), tmp / "docs")

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.app import AppArgs, build_app, config_to_dict
-from cluster.ingest import ingest
+from shoal.cluster.app import AppArgs, build_app, config_to_dict
+from shoal.cluster.ingest import ingest
 
 from conftest import ROOT, cranfield_docs, write_docs
 
@@ -28,7 +28,7 @@ QUIET = {"log_level": "WARNING", "enable_access_log": False}
 def served(tmp_path_factory, ray_local):
     from ray import serve
 
-    from cluster.config import load_config
+    from shoal.cluster.config import load_config
 
     tmp = tmp_path_factory.mktemp("schema")
     write_docs(cranfield_docs(20), tmp / "docs")

@@ -14,8 +14,8 @@ import numpy as np
 import psutil
 import pytest
 
-from cluster.app import AppArgs, build_app, config_to_dict
-from cluster.ingest import ingest
+from shoal.cluster.app import AppArgs, build_app, config_to_dict
+from shoal.cluster.ingest import ingest
 
 from conftest import ROOT, cranfield_docs, write_docs
 
@@ -34,7 +34,7 @@ def replica_rss(client) -> dict[str, int]:
 def test_soak_with_ingest_and_switch(tmp_path, ray_local):
     from ray import serve
 
-    from cluster.config import load_config
+    from shoal.cluster.config import load_config
 
     clients = int(os.environ.get("SHOAL_SOAK_CLIENTS", 32))
     seconds = float(os.environ.get("SHOAL_SOAK_SECONDS", 60))

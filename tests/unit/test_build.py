@@ -12,13 +12,13 @@ import faiss
 import numpy as np
 import pytest
 
-from cluster.build import build_generation, choose_mode
-from cluster.catalog import Catalog, FileBatch
-from cluster.chunking import Chunk
-from cluster.config import Config, GpuSpec
-from cluster.tune import recall_at_k, tune
-from index import generations, staging
-from index.search import LoadedGeneration
+from shoal.cluster.build import build_generation, choose_mode
+from shoal.cluster.catalog import Catalog, FileBatch
+from shoal.cluster.chunking import Chunk
+from shoal.cluster.config import Config, GpuSpec
+from shoal.cluster.tune import recall_at_k, tune
+from shoal.index import generations, staging
+from shoal.index.search import LoadedGeneration
 
 D = 64
 
@@ -186,9 +186,9 @@ def test_killed_build_leaves_old_generation(filled, tmp_path):
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(os.getcwd())!r})
         from dataclasses import replace
-        from cluster.config import Config
-        from cluster.catalog import Catalog
-        from cluster.build import build_generation
+        from shoal.cluster.config import Config
+        from shoal.cluster.catalog import Catalog
+        from shoal.cluster.build import build_generation
         cfg = Config(data_dir={str(cfg.data_path)!r})
         cfg = replace(cfg, index=replace(cfg.index, factory="IVF1024,Flat", train_sample_per_list=256))
         print("start", flush=True)

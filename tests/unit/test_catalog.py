@@ -1,10 +1,10 @@
 
 import pytest
 
-from cluster.catalog import Catalog, FileBatch
-from cluster.chunking import Chunk
-from cluster.errors import CorruptFileError
-from cluster.scan import Skipped
+from shoal.cluster.catalog import Catalog, FileBatch
+from shoal.cluster.chunking import Chunk
+from shoal.index.errors import CorruptFileError
+from shoal.cluster.scan import Skipped
 
 
 def fb(path, n, sha="h"):

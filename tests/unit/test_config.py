@@ -1,7 +1,7 @@
 import pytest
 
-from cluster.config import Config, config_from_dict, load_config, parse_bytes
-from cluster.errors import ConfigError
+from shoal.cluster.config import Config, config_from_dict, load_config, parse_bytes
+from shoal.index.errors import ConfigError
 
 
 def test_defaults_need_no_file():
@@ -92,7 +92,7 @@ def test_shipped_configs_load():
 
 
 def test_query_encoder_placement():
-    from cluster.app import encoder_placement
+    from shoal.cluster.app import encoder_placement
 
     assert encoder_placement("auto", 0.25, 0) == ("cpu", 0.0)  # CPU-only machine: nothing changes
     assert encoder_placement("auto", 0.25, 2) == ("cuda", 0.25)  # shares a card with a ShardSearcher

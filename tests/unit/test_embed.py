@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from workers.embed import encode, load_model, model_fingerprint, resolve_model_path
-from cluster.errors import ShoalError
+from shoal.workers.embed import encode, load_model, model_fingerprint, resolve_model_path
+from shoal.index.errors import ShoalError
 
 TEXTS = [
     "A short one.",

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from index.fusion import convex_fuse, fuse, normalize
-from index.keyword import Analysis, KeywordIndex, analysis_for, build_keyword_index
+from shoal.index.fusion import convex_fuse, fuse, normalize
+from shoal.index.keyword import Analysis, KeywordIndex, analysis_for, build_keyword_index
 
 
 def test_normalizations_by_hand():

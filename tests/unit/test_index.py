@@ -3,9 +3,9 @@ import faiss
 import numpy as np
 import pytest
 
-from cluster.errors import ConfigError, CorruptFileError, ShoalError
-from index import generations, staging
-from index.factory import add_in_blocks, choose_factory, nlist_for, search_params, train_index, train_sample
+from shoal.index.errors import ConfigError, CorruptFileError, ShoalError
+from shoal.index import generations, staging
+from shoal.index.factory import add_in_blocks, choose_factory, nlist_for, search_params, train_index, train_sample
 
 
 def clustered(n, d=32, nc=50, seed=0):

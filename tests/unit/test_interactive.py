@@ -1,6 +1,6 @@
 """The interactive search's file opening, without a terminal."""
 
-from cluster.interactive import line_of, open_command
+from shoal.cluster.interactive import line_of, open_command
 
 
 def test_line_of_a_character_offset(tmp_path):

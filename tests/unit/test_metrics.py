@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 from eval_beir import evaluate, hits_to_run, mean  # noqa: E402
 
-from index.fusion import rrf_fuse  # noqa: E402
+from shoal.index.fusion import rrf_fuse  # noqa: E402
 
 
 def test_metrics_by_hand():
@@ -52,7 +52,7 @@ def test_rrf_by_hand():
 
 def test_progress_follows_finished_bytes_not_scanned_files():
     """All files scanned but a quarter of the bytes embedded reads 25%, not 100%."""
-    from cluster.ingest import IngestReport, Progress
+    from shoal.cluster.ingest import IngestReport, Progress
 
     lines = []
     p = Progress(lines.append, total_files=10, total_bytes=1000, every_s=0, tty=False)
@@ -65,7 +65,7 @@ def test_progress_follows_finished_bytes_not_scanned_files():
 
 
 def test_card_labels():
-    from workers.actors import card_slug
+    from shoal.workers.actors import card_slug
 
     assert card_slug("NVIDIA GeForce RTX 4080") == "rtx4080"
     assert card_slug("Quadro P4000") == "p4000"

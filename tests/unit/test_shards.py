@@ -1,6 +1,6 @@
 import pytest
 
-from index.shards import Device, PlanError, bytes_per_vector, plan_shards, shard_ranges
+from shoal.index.shards import Device, PlanError, bytes_per_vector, plan_shards, shard_ranges
 
 G = 1 << 30
 RTX4080 = Device("rtx4080", "gpu", 16 * G, 0)
