@@ -173,6 +173,7 @@ def build_app(args: AppArgs) -> Any:
     sv, m = cfg.serve, cfg.model
     groups, gpus_per_group = plan_groups(cfg)
     enc_device, enc_gpus = encoder_placement(sv.encoder_device, sv.encoder_gpu_fraction, _cluster_gpus())
+    gpus_per_group = searcher_gpus(gpus_per_group, enc_gpus)
     encoder = QueryEncoder.options(
         num_replicas=sv.encoder_replicas, ray_actor_options={"num_cpus": sv.num_cpus_encoder, "num_gpus": enc_gpus},
         max_ongoing_requests=sv.max_ongoing_requests,
@@ -207,6 +208,15 @@ def encoder_placement(device: str, gpu_fraction: float, cluster_gpus: float) -> 
             log.warning("serve.encoder_device is cuda but the Ray cluster has no GPU: encoding on the CPU")
         return "cpu", 0.0
     return "cuda", float(gpu_fraction)
+
+
+def searcher_gpus(gpus_per_group: float, encoder_gpus: float) -> float:
+    """A ShardSearcher's share of its card: all of it, or what the QueryEncoder leaves when it shares one.
+
+    Every card may hold a searcher, so a fractional encoder only fits beside one: with two
+    groups on two cards and an encoder of 0.25, each searcher asks for 0.75.
+    """
+    return max(0.0, gpus_per_group - encoder_gpus) if gpus_per_group and encoder_gpus else gpus_per_group
 
 
 def plan_groups(cfg: Config) -> tuple[int, float]:

@@ -98,3 +98,12 @@ def test_query_encoder_placement():
     assert encoder_placement("auto", 0.25, 2) == ("cuda", 0.25)  # shares a card with a ShardSearcher
     assert encoder_placement("cpu", 0.25, 2) == ("cpu", 0.0)
     assert encoder_placement("cuda", 0.5, 0) == ("cpu", 0.0)  # asked for, but no GPU: a warning, the CPU
+
+
+def test_searchers_leave_room_for_the_encoder_on_a_card():
+    from shoal.cluster.app import searcher_gpus
+
+    assert searcher_gpus(1.0, 0.25) == 0.75  # 2 groups x 0.75 + 0.25 fit 2 cards
+    assert 2 * searcher_gpus(1.0, 0.25) + 0.25 <= 2
+    assert searcher_gpus(1.0, 0.0) == 1.0  # encoder on the CPU: a whole card each
+    assert searcher_gpus(0.0, 0.25) == 0.0  # searchers on the CPU
