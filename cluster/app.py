@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from shoal.cluster.config import Config, config_from_dict
-from shoal.cluster.query import (MAX_K, MAX_NPROBE, MAX_QUERY_CHARS, NOT_BLANK, SEARCH_PARAMS, BatchRequest, DenseResult, FileType,
+from shoal.cluster.query import (MAX_K, MAX_NPROBE, MAX_QUERY_CHARS, NOT_BLANK, SEARCH_PARAMS, Hit, BatchRequest, DenseResult, FileType,
                            Mode, QueryCore, QueryError, SearchOptions, SearchRequest, Unavailable, field_errors)
 from shoal.workers.serving import QueryEncoder, Reranker, ShardSearcher, gather_groups, percentiles
 
@@ -54,41 +54,27 @@ class UnavailableBody(BaseModel):
     missing_shards: list[int] = []
 
 
-class HitOut(BaseModel):
-    rank: int
-    score: float
-    id: int
-    path: str
-    kind: str
-    start: int
-    end: int
-    text: str
-    first_stage_score: Optional[float] = None
-
-
-class SearchResponse(BaseModel):
-    query: str
-    k: int
+class Answered(BaseModel):
     mode: str
     generation: Optional[str]
-    hits: list[HitOut]
     ms: float
-    partial: bool = False
+    partial: bool = False  # present (true) only when shard groups were missing and allow_partial was set
     missing_shards: list[int] = []
+
+
+class SearchResponse(Answered):
+    query: str
+    k: int
+    hits: list[Hit]
 
 
 class QueryResult(BaseModel):
     query: str
-    hits: list[HitOut]
+    hits: list[Hit]
 
 
-class BatchResponse(BaseModel):
-    mode: str
-    generation: Optional[str]
+class BatchResponse(Answered):
     results: list[QueryResult]
-    ms: float
-    partial: bool = False
-    missing_shards: list[int] = []
 
 
 class Health(BaseModel):

@@ -103,8 +103,8 @@ def observed(tmp_path_factory):
                 except httpx.HTTPError:
                     pass
                 time.sleep(1)
-            codes = [c.get("/search", params={"q": q, "k": 3}).status_code
-                     for q in ("wing in a propeller slipstream", "heat transfer", "shock waves", "buckling")] * 3
+            qs = ("wing in a propeller slipstream", "heat transfer", "shock waves", "buckling") * 3
+            codes = [c.get("/search", params={"q": q, "k": 3}).status_code for q in qs]
             codes += [c.get("/search", params={"q": ""}).status_code, c.post("/search", json={"k": 2}).status_code]
         assert codes[:12] == [200] * 12 and codes[12:] == [422, 422]
         yield prom, report, t_ingest
@@ -141,8 +141,10 @@ def test_prometheus_sees_the_ingest_and_the_queries(observed):
     assert labels["run"] == str(report["run_id"]) and labels["card"] == "cpu" and labels["job"]
     assert labels["actor"] == report["actors"][0]["tag"]
     # serving: 12 good /search requests (and the health checks) and 2 bad ones at the proxy, latency observed
-    assert wait_for(prom, 'sum(ray_serve_num_http_requests_total{status_code="200"})', lambda v: v >= 12) >= 12
-    assert wait_for(prom, 'sum(ray_serve_num_http_requests_total{status_code="422"})', lambda v: v >= 2) == 2
+    ok = 'sum(ray_serve_num_http_requests_total{route="/search",method="GET",status_code="200"})'
+    assert wait_for(prom, ok, lambda v: v >= 12) == 12
+    assert wait_for(prom, 'sum(ray_serve_num_http_requests_total{route="/search",status_code="422"})',
+                    lambda v: v >= 2) == 2
     assert wait_for(prom, "sum(ray_serve_http_request_latency_ms_count)", lambda v: v >= 14) >= 14
     assert wait_for(prom, 'sum(ray_serve_deployment_request_counter_total{deployment="ShardSearcher0"})',
                     lambda v: v >= 12) >= 12
