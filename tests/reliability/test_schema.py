@@ -57,7 +57,7 @@ def test_schemathesis_finds_no_failure(served):
     assert st, "schemathesis is a test extra: scripts/setup.sh test installs it"
     r = subprocess.run(
         [st, "run", f"{URL}/openapi.json", "--checks", "all", "--seed", "20261128", "--generation-deterministic",
-         "--max-examples", "15", "--max-time", "75", "--workers", "1", "--request-timeout", "60",
+         "--max-examples", "15", "--max-time", "40", "--workers", "1", "--request-timeout", "60",
          "--no-color", "--report", "junit", "--report-junit-path", str(served / "st.xml")],
         capture_output=True, text=True, timeout=420, cwd=served)
     out = r.stdout + r.stderr

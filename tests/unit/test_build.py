@@ -214,7 +214,7 @@ def test_killed_build_leaves_old_generation(filled, tmp_path):
     assert not any(x.name.startswith(".tmp-") for x in (cfg.data_path / "generations").iterdir())
 
 
-@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,PQ16,RFlat"])
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,PQ16x4,RFlat"])
 def test_concurrent_searches_with_mixed_settings_equal_alone(tmp_path, factory):
     """64 concurrent searches (nprobe 1/8/64, k_factor 1/8, filtered or not) each equal the same search alone.
 
