@@ -77,7 +77,7 @@ class Head:
         except ProcessLookupError:
             pass
         try:
-            self.p.wait(20)
+            self.p.wait(5)  # `ray start --block` often outlives SIGTERM; what is left is killed below
         except subprocess.TimeoutExpired:
             pass
         subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
