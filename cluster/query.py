@@ -208,8 +208,10 @@ class QueryCore:
     node, from threads; one lock keeps the catalog connection to one user at a time.
     """
 
-    def __init__(self, cfg: Config, backend: Backend) -> None:
-        self.cfg, self.backend = cfg, backend
+    def __init__(self, cfg: Config, backend: Backend, *, offload: bool = True) -> None:
+        """``offload``: run blocking work in threads (a server's event loop must not block); the CLI
+        runs it inline, where a fresh thread per call would only rebuild torch's and FAISS's thread teams."""
+        self.cfg, self.backend, self.offload = cfg, backend, offload
         self._catalog: Any = None
         self._db_lock = threading.Lock()
         self._kw: Optional[tuple[str, Any]] = None
@@ -220,6 +222,9 @@ class QueryCore:
         now = time.perf_counter()
         self.stage_ms.setdefault(stage, deque(maxlen=2000)).append((now - t0) * 1000)
         return now
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args) if self.offload else fn(*args)
 
     def stage_percentiles(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -291,7 +296,7 @@ class QueryCore:
         t = time.perf_counter()
         allowed = None
         if opts.path_prefix or opts.file_type:
-            allowed = await asyncio.to_thread(self._db, "ids_matching", opts.path_prefix or None, opts.file_type)
+            allowed = await self._run(self._db, "ids_matching", opts.path_prefix or None, opts.file_type)
             t = self._took("filter", t)
         want = max(opts.k, self.cfg.serve.rerank_candidates) if opts.rerank else opts.k
         fetch = want + 16  # ids the catalog no longer knows are dropped below
@@ -305,25 +310,25 @@ class QueryCore:
         kw = None
         if mode != "dense":  # the keyword index of the generation the vectors came from
             gen = dense.generation if dense is not None else self.backend.serving_generation()
-            kw = await asyncio.to_thread(self.keyword_index, gen)
+            kw = await self._run(self.keyword_index, gen)
             if kw is None:
                 if mode == "keyword":
                     raise Conflict("this generation has no keyword index (index.keyword is false)")
                 mode = "dense"  # hybrid without a keyword index: the dense side alone
         if kw is not None:
-            Dk, Ik = await asyncio.to_thread(kw.search, queries, side)
+            Dk, Ik = await self._run(kw.search, queries, side)
             t = self._took("keyword", t)
             if allowed is not None:
                 Ik = np.where(np.isin(Ik, allowed), Ik, -1)
             if dense is None:
                 D, I = Dk, Ik
             else:
-                D, I = await asyncio.to_thread(fuse, (dense.D, dense.I), (Dk, Ik), fetch, q)
+                D, I = await self._run(fuse, (dense.D, dense.I), (Dk, Ik), fetch, q)
                 t = self._took("fuse", t)
         else:
             assert dense is not None
             D, I = dense.D, dense.I
-        hits = await asyncio.to_thread(self._hits, D, I, want)
+        hits = await self._run(self._hits, D, I, want)
         t = self._took("catalog", t)
         if opts.rerank:
             hits = [await self._rerank(qq, hs) for qq, hs in zip(queries, hits)]

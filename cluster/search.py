@@ -48,7 +48,7 @@ class Searcher:
                 f"the index was built with model {self.manifest['model']['name']} ({want}); "
                 f"this query would use {lm.name} ({lm.fingerprint}). Set model.name to match or re-ingest."
             )
-        self.core = QueryCore(cfg, self)
+        self.core = QueryCore(cfg, self, offload=False)  # one caller at a time: no threads to pay for
         self.core.catalog()  # a missing or torn catalog is an error now, not at the first query
         self._reranker: Any = None
 
@@ -79,11 +79,11 @@ class Searcher:
         return self.generation
 
     async def encode(self, queries: list[str]) -> np.ndarray:
-        return await asyncio.to_thread(self.embed, queries)
+        return self.embed(queries)
 
     async def dense(self, xq: np.ndarray, k: int, opts: SearchOptions,
                     allowed: Optional[np.ndarray]) -> DenseResult:
-        D, I = await asyncio.to_thread(self.index.search, xq, k, allowed, nprobe=opts.nprobe)
+        D, I = self.index.search(xq, k, allowed, nprobe=opts.nprobe)
         return DenseResult(D, I, self.generation)
 
     async def rerank(self, query: str, texts: list[str]) -> list[float]:
@@ -91,7 +91,7 @@ class Searcher:
             from shoal.workers.rerank import load_reranker
 
             self._reranker = load_reranker(self.cfg)
-        return await asyncio.to_thread(self._reranker.score, query, texts)
+        return self._reranker.score(query, texts)
 
     # -- the API the CLI and the evaluator use ---------------------------------------------------
     def embed(self, queries: Sequence[str]) -> np.ndarray:
