@@ -28,6 +28,7 @@ from shoal.index import layout
 MAX_K = 1000
 MAX_QUERY_CHARS = 4096
 MAX_NPROBE = 65536
+ROOTS_TTL_S = 5.0  # the ingested roots change only when an ingest commits; a removed root's chunks leave the catalog
 FileType = Literal["text", "markdown", "rst", "code", "data", "html", "pdf"]
 Mode = Literal["dense", "keyword", "hybrid"]
 
@@ -217,6 +218,7 @@ class QueryCore:
         self._kw: Optional[tuple[str, Any]] = None
         self._kw_lock = threading.Lock()
         self.stage_ms: dict[str, deque[float]] = {}  # where a query's time goes, hop by hop (/stats)
+        self._roots: tuple[float, tuple[str, ...]] = (0.0, ())
 
     def _took(self, stage: str, t0: float) -> float:
         now = time.perf_counter()
@@ -268,7 +270,9 @@ class QueryCore:
         with self._db_lock:
             cat = self.catalog()
             rows = cat.lookup(np.unique(I[I >= 0]).tolist())
-            roots = tuple(r.rstrip("/") + "/" for r in cat.roots())
+            if time.monotonic() - self._roots[0] > ROOTS_TTL_S:  # a DISTINCT over files: not per query
+                self._roots = (time.monotonic(), tuple(r.rstrip("/") + "/" for r in cat.roots()))
+            roots = self._roots[1]
         out = []
         for drow, irow in zip(D, I):
             hs: list[Hit] = []
