@@ -95,3 +95,20 @@ def tiny_cross_encoder(out: Path) -> Path:
     BertForSequenceClassification(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def wait_healthy(url: str, timeout_s: float = 120) -> bool:
+    """Poll GET {url}/healthz until it answers 200 (a served app's replicas are up); False on timeout."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=10).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, cranfield_docs, write_docs
+from conftest import ROOT, cranfield_docs, wait_healthy, write_docs
 from test_cluster_job import Head, free_port, shoal
 
 pytestmark = pytest.mark.timeout(600)
@@ -104,14 +104,8 @@ def observed(tmp_path_factory):
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-3000:]
         url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, timeout_s=60)
         with httpx.Client(base_url=url, timeout=60) as c:
-            for _ in range(60):
-                try:
-                    if c.get("/healthz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
             qs = ("wing in a propeller slipstream", "heat transfer", "shock waves", "buckling") * 3
             codes = [c.get("/search", params={"q": q, "k": 3}).status_code for q in qs]
             codes += [c.get("/search", params={"q": ""}).status_code, c.post("/search", json={"k": 2}).status_code]

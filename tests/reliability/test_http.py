@@ -3,7 +3,6 @@ loopback-only binding, and no path outside the ingested roots."""
 
 import json
 import socket
-import time
 from dataclasses import replace
 
 import httpx
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 from shoal.cluster.app import AppArgs, build_app, config_to_dict
 from shoal.cluster.ingest import ingest
 
-from conftest import ROOT, cranfield_docs, write_docs
+from conftest import ROOT, cranfield_docs, wait_healthy, write_docs
 
 PORT = 18532
 URL = f"http://127.0.0.1:{PORT}"
@@ -41,14 +40,7 @@ def app(tmp_path_factory, ray_local):
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(AppArgs(cfg=config_to_dict(cfg))), name="shoal", route_prefix="/", logging_config=QUIET)
     client = httpx.Client(base_url=URL, timeout=60)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if client.get("/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    wait_healthy(URL)
     yield client, tmp
     client.close()
     serve.delete("shoal")

@@ -7,17 +7,15 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import pytest
 
 from shoal.cluster.app import AppArgs, build_app, config_to_dict
 from shoal.cluster.ingest import ingest
 
-from conftest import ROOT, cranfield_docs, write_docs
+from conftest import ROOT, cranfield_docs, wait_healthy, write_docs
 
 PORT = 18533
 URL = f"http://127.0.0.1:{PORT}"
@@ -39,14 +37,7 @@ def served(tmp_path_factory, ray_local):
     ingest([str(tmp / "docs")], cfg, out=lambda s: None)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(AppArgs(cfg=config_to_dict(cfg))), name="shoal", route_prefix="/", logging_config=QUIET)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(URL + "/healthz", timeout=10).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    wait_healthy(URL)
     yield tmp
     serve.delete("shoal")
     serve.shutdown()
