@@ -209,16 +209,13 @@ class QueryCore:
     node, from threads; one lock keeps the catalog connection to one user at a time.
     """
 
-    def __init__(self, cfg: Config, backend: Backend, *, offload: bool = True) -> None:
+    def __init__(self, cfg: Config, backend: Backend, *, offload: bool = True, remote: Any = None) -> None:
         """``offload``: run blocking work in threads (a server's event loop must not block); the CLI
-        runs it inline, where a fresh thread per call would only rebuild torch's and FAISS's thread teams."""
-        self.cfg, self.backend, self.offload = cfg, backend, offload
-        self._catalog: Any = None
-        self._db_lock = threading.Lock()
-        self._kw: Optional[tuple[str, Any]] = None
-        self._kw_lock = threading.Lock()
+        runs it inline, where a fresh thread per call would only rebuild torch's and FAISS's thread teams.
+        ``remote``: a handle to the DataNode deployment, for a core that is not on the data node."""
+        self.cfg, self.backend, self.offload, self.remote = cfg, backend, offload, remote
+        self.reader = CatalogReader(cfg)
         self.stage_ms: dict[str, deque[float]] = {}  # where a query's time goes, hop by hop (/stats)
-        self._roots: tuple[float, tuple[str, ...]] = (0.0, ())
 
     def _took(self, stage: str, t0: float) -> float:
         now = time.perf_counter()
@@ -236,7 +233,126 @@ class QueryCore:
                           "n": int(len(a))}
         return out
 
-    # blocking helpers, run in threads
+    # the catalog and the keyword index: read here (on the data node) or through the DataNode deployment
+    def catalog(self) -> Any:
+        return self.reader.catalog()
+
+    def keyword_index(self, generation: Optional[str]) -> Any:
+        return self.reader.keyword_index(generation)[1]
+
+    async def _ids_matching(self, prefix: Optional[str], types: Any) -> np.ndarray:
+        if self.remote is not None:
+            return await self.remote.ids_matching.remote(prefix, types)
+        return await self._run(self.reader.ids_matching, prefix, types)
+
+    async def _keyword(self, generation: Optional[str], queries: list[str],
+                       n: int) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
+        if self.remote is not None:
+            return await self.remote.keyword_search.remote(generation, queries, n)
+        return await self._run(self.reader.keyword_search, generation, queries, n)
+
+    async def _hits(self, D: np.ndarray, I: np.ndarray, n: int) -> list[list[Hit]]:
+        if self.remote is not None:
+            return await self.remote.hits.remote(D, I, n)
+        return await self._run(self.reader.hits, D, I, n)
+
+    async def counts(self) -> dict[str, Any]:
+        if self.remote is not None:
+            return await self.remote.counts.remote()
+        return await self._run(self.reader.counts)
+
+    async def data_health(self) -> dict[str, Any]:
+        """Can the catalog and the keyword index of the live generation answer? Raises if not."""
+        if self.remote is not None:
+            return await self.remote.health.remote()
+        return await self._run(self.reader.health)
+
+    # the path
+    async def search(self, queries: list[str], opts: SearchOptions) -> Answer:
+        """Hits for already validated queries (a SearchRequest/BatchRequest did that)."""
+        from shoal.index.fusion import fuse
+
+        q = self.cfg.query
+        mode = opts.mode or q.mode
+        if opts.rerank and not self.cfg.serve.rerank_model:
+            from shoal.workers.rerank import RERANK_OFF
+
+            raise Conflict(RERANK_OFF)
+        t = time.perf_counter()
+        allowed = None
+        if opts.path_prefix or opts.file_type:
+            allowed = await self._ids_matching(opts.path_prefix or None, opts.file_type)
+            t = self._took("filter", t)
+        want = max(opts.k, self.cfg.serve.rerank_candidates) if opts.rerank else opts.k
+        fetch = want + 16  # ids the catalog no longer knows are dropped below
+        side = max(fetch, q.fusion_candidates) if mode == "hybrid" else fetch
+        dense: Optional[DenseResult] = None
+        if mode != "keyword":
+            xq = await self.backend.encode(queries)
+            t = self._took("encode", t)
+            dense = await self.backend.dense(xq, side, opts, allowed)
+            t = self._took("dense", t)
+        kw = None
+        kw_generation = None
+        if mode != "dense":  # the keyword index of the generation the vectors came from
+            gen = dense.generation if dense is not None else self.backend.serving_generation()
+            kw = await self._keyword(gen, queries, side)
+            if kw is None:
+                if mode == "keyword":
+                    raise Conflict("this generation has no keyword index (index.keyword is false)")
+                mode = "dense"  # hybrid without a keyword index: the dense side alone
+        if kw is not None:
+            Dk, Ik, kw_generation = kw
+            t = self._took("keyword", t)
+            if allowed is not None:
+                Ik = np.where(np.isin(Ik, allowed), Ik, -1)
+            if dense is None:
+                D, I = Dk, Ik
+            else:
+                D, I = await self._run(fuse, (dense.D, dense.I), (Dk, Ik), fetch, q)
+                t = self._took("fuse", t)
+        else:
+            assert dense is not None
+            D, I = dense.D, dense.I
+        hits = await self._hits(D, I, want)
+        t = self._took("catalog", t)
+        if opts.rerank:
+            hits = [await self._rerank(qq, hs) for qq, hs in zip(queries, hits)]
+            self._took("rerank", t)
+        generation = dense.generation if dense is not None else kw_generation
+        return Answer([hs[:opts.k] for hs in hits], mode, generation, dense.missing if dense else [])
+
+    async def _rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
+        from shoal.workers.rerank import rerank_order
+
+        n = min(len(hits), self.cfg.serve.rerank_candidates)
+        if n == 0:
+            return hits
+        scores = await self.backend.rerank(query, [h.text for h in hits[:n]])
+        head = [replace(hits[i], score=float(scores[i]), first_stage_score=hits[i].score)
+                for i in rerank_order(scores)]
+        return [replace(h, rank=r) for r, h in enumerate(head + hits[n:], 1)]
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class CatalogReader:
+    """Reads catalog.sqlite and the keyword index of a generation; lives on the data node only.
+
+    SQLite never goes over a network filesystem: a core elsewhere reaches this
+    through the DataNode deployment. One lock keeps the catalog connection to
+    one user at a time.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._catalog: Any = None
+        self._db_lock = threading.Lock()
+        self._kw: Optional[tuple[str, Any]] = None
+        self._kw_lock = threading.Lock()
+        self._roots: tuple[float, tuple[str, ...]] = (0.0, ())
+
     def catalog(self) -> Any:
         from shoal.cluster.catalog import Catalog
 
@@ -247,6 +363,12 @@ class QueryCore:
     def _db(self, fn: str, *args: Any) -> Any:
         with self._db_lock:
             return getattr(self.catalog(), fn)(*args)
+
+    def ids_matching(self, prefix: Optional[str], types: Any) -> np.ndarray:
+        return self._db("ids_matching", prefix, types)
+
+    def counts(self) -> dict[str, Any]:
+        return self._db("counts")
 
     def keyword_index(self, generation: Optional[str]) -> Any:
         """The BM25 index of ``generation`` (or CURRENT), with the analysis it was built with; None if it has none."""
@@ -262,9 +384,26 @@ class QueryCore:
                 kw = KeywordIndex.open(gen_dir, generations.read_manifest(gen_dir)) \
                     if KeywordIndex.exists(gen_dir) else None
                 self._kw = (name, kw)
-            return self._kw[1]
+            return self._kw
 
-    def _hits(self, D: np.ndarray, I: np.ndarray, n: int) -> list[list[Hit]]:
+    def keyword_search(self, generation: Optional[str], queries: list[str],
+                       n: int) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
+        """(D, I, generation) of the keyword index, or None where the generation has none."""
+        name, kw = self.keyword_index(generation)
+        if kw is None:
+            return None
+        D, I = kw.search(queries, n)
+        return D, I, name
+
+    def health(self) -> dict[str, Any]:
+        """The catalog answers (one indexed row, not a count) and the live generation's keyword index
+        (if it has one) opens."""
+        with self._db_lock:
+            self.catalog().db.execute("SELECT id FROM chunks ORDER BY id LIMIT 1").fetchall()
+        name, kw = self.keyword_index(None)
+        return {"generation": name, "keyword": kw is not None}
+
+    def hits(self, D: np.ndarray, I: np.ndarray, n: int) -> list[list[Hit]]:
         """Ids -> catalog rows, best first, at most n per query. Ids no longer in the catalog are
         dropped, and so is anything outside the ingested roots: no path outside them is ever served."""
         with self._db_lock:
@@ -285,71 +424,6 @@ class QueryCore:
                     break
             out.append(hs)
         return out
-
-    # the path
-    async def search(self, queries: list[str], opts: SearchOptions) -> Answer:
-        """Hits for already validated queries (a SearchRequest/BatchRequest did that)."""
-        from shoal.index.fusion import fuse
-
-        q = self.cfg.query
-        mode = opts.mode or q.mode
-        if opts.rerank and not self.cfg.serve.rerank_model:
-            from shoal.workers.rerank import RERANK_OFF
-
-            raise Conflict(RERANK_OFF)
-        t = time.perf_counter()
-        allowed = None
-        if opts.path_prefix or opts.file_type:
-            allowed = await self._run(self._db, "ids_matching", opts.path_prefix or None, opts.file_type)
-            t = self._took("filter", t)
-        want = max(opts.k, self.cfg.serve.rerank_candidates) if opts.rerank else opts.k
-        fetch = want + 16  # ids the catalog no longer knows are dropped below
-        side = max(fetch, q.fusion_candidates) if mode == "hybrid" else fetch
-        dense: Optional[DenseResult] = None
-        if mode != "keyword":
-            xq = await self.backend.encode(queries)
-            t = self._took("encode", t)
-            dense = await self.backend.dense(xq, side, opts, allowed)
-            t = self._took("dense", t)
-        kw = None
-        if mode != "dense":  # the keyword index of the generation the vectors came from
-            gen = dense.generation if dense is not None else self.backend.serving_generation()
-            kw = await self._run(self.keyword_index, gen)
-            if kw is None:
-                if mode == "keyword":
-                    raise Conflict("this generation has no keyword index (index.keyword is false)")
-                mode = "dense"  # hybrid without a keyword index: the dense side alone
-        if kw is not None:
-            Dk, Ik = await self._run(kw.search, queries, side)
-            t = self._took("keyword", t)
-            if allowed is not None:
-                Ik = np.where(np.isin(Ik, allowed), Ik, -1)
-            if dense is None:
-                D, I = Dk, Ik
-            else:
-                D, I = await self._run(fuse, (dense.D, dense.I), (Dk, Ik), fetch, q)
-                t = self._took("fuse", t)
-        else:
-            assert dense is not None
-            D, I = dense.D, dense.I
-        hits = await self._run(self._hits, D, I, want)
-        t = self._took("catalog", t)
-        if opts.rerank:
-            hits = [await self._rerank(qq, hs) for qq, hs in zip(queries, hits)]
-            self._took("rerank", t)
-        generation = dense.generation if dense is not None else (self._kw[0] if self._kw else None)
-        return Answer([hs[:opts.k] for hs in hits], mode, generation, dense.missing if dense else [])
-
-    async def _rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
-        from shoal.workers.rerank import rerank_order
-
-        n = min(len(hits), self.cfg.serve.rerank_candidates)
-        if n == 0:
-            return hits
-        scores = await self.backend.rerank(query, [h.text for h in hits[:n]])
-        head = [replace(hits[i], score=float(scores[i]), first_stage_score=hits[i].score)
-                for i in rerank_order(scores)]
-        return [replace(h, rank=r) for r, h in enumerate(head + hits[n:], 1)]
 
     def close(self) -> None:
         if self._catalog is not None:

@@ -122,7 +122,7 @@ class Searcher:
 
     def hits(self, D: np.ndarray, I: np.ndarray, k: int) -> list[list[Hit]]:
         """Map ids to catalog rows (inside the ingested roots); ids no longer in the catalog are dropped."""
-        return self.core._hits(D, I, k)
+        return self.core.reader.hits(D, I, k)
 
     def close(self) -> None:
         self.core.close()
