@@ -9,6 +9,7 @@ return is declared in /openapi.json with its body.
 """
 
 
+import asyncio
 import hmac
 import logging
 import os
@@ -29,6 +30,8 @@ from ray.serve.handle import DeploymentHandle
 from shoal.cluster.config import Config, config_from_dict
 from shoal.cluster.query import (MAX_K, MAX_NPROBE, MAX_QUERY_CHARS, NOT_BLANK, SEARCH_PARAMS, Hit, BatchRequest, DenseResult, FileType,
                            Mode, QueryCore, QueryError, SearchOptions, SearchRequest, Unavailable, field_errors)
+from shoal.index.errors import ShoalError
+from shoal.workers.datanode import DataNode, data_node_resources
 from shoal.workers.serving import QueryEncoder, Reranker, ShardSearcher, gather_groups, percentiles
 
 log = logging.getLogger(__name__)
@@ -160,24 +163,33 @@ def build_app(args: AppArgs) -> Any:
     groups, gpus_per_group = plan_groups(cfg)
     enc_device, enc_gpus = encoder_placement(sv.encoder_device, sv.encoder_gpu_fraction, _cluster_gpus())
     gpus_per_group = searcher_gpus(gpus_per_group, enc_gpus)
+    pin = data_node_resources()  # the node that holds the data dir
+    datanode = DataNode.options(ray_actor_options={"num_cpus": sv.num_cpus_datanode, "resources": pin},
+                                max_ongoing_requests=max(64, sv.max_ongoing_requests)).bind(args.cfg)
     encoder = QueryEncoder.options(
-        num_replicas=sv.encoder_replicas, ray_actor_options={"num_cpus": sv.num_cpus_encoder, "num_gpus": enc_gpus},
+        num_replicas=sv.encoder_replicas,
+        ray_actor_options={"num_cpus": sv.num_cpus_encoder, "num_gpus": enc_gpus,
+                           **({"resources": pin} if enc_device == "cpu" else {})},  # on CPU: beside the ingress
         max_ongoing_requests=sv.max_ongoing_requests,
         user_config={"max_batch_size": sv.max_batch_size, "batch_wait_timeout_s": sv.batch_wait_timeout_s},
     ).bind(m.name, m.max_seq_length, enc_device, m.allow_download, 0)
     searchers = [
-        ShardSearcher.options(
-            name=f"ShardSearcher{g}", num_replicas=sv.searcher_replicas,
+        ShardSearcher.options(  # one group per GPU of the cluster: Serve puts each on a node that has one
+            name=f"ShardSearcher{g}", num_replicas=sv.replicas_per_group,  # replicas spread over nodes (SPREAD)
+            max_constructor_retry_count=3,  # a group that cannot load fails the deploy in seconds, not minutes
             max_ongoing_requests=sv.max_ongoing_requests,
             ray_actor_options={"num_cpus": sv.num_cpus_searcher, "num_gpus": gpus_per_group},
-        ).bind(str(cfg.data_path), g, groups, sv.reload_interval_s, cfg.index.refine_k_factor, sv.searcher_threads)
+        ).bind(str(cfg.data_path), g, groups, sv.reload_interval_s, cfg.index.refine_k_factor, sv.searcher_threads,
+               datanode, sv.cache_dir, int(sv.transfer_chunk_bytes))
         for g in range(groups)
     ]
     reranker = Reranker.options(ray_actor_options={"num_cpus": sv.num_cpus_reranker}).bind(
         sv.rerank_model, m.allow_download) if sv.rerank_model else None
-    return Ingress.options(ray_actor_options={"num_cpus": sv.num_cpus_ingress},
+    on_data_node = sv.ingress == "data_node"
+    where = pin if on_data_node else {} if sv.ingress == "any" else {f"node:{sv.ingress}": 0.001}
+    return Ingress.options(ray_actor_options={"num_cpus": sv.num_cpus_ingress, **({"resources": where} if where else {})},
                            max_ongoing_requests=sv.max_ongoing_requests).bind(
-        encoder, searchers, reranker, args.cfg)
+        encoder, searchers, reranker, datanode, on_data_node, args.cfg)
 
 
 def _cluster_gpus() -> float:
@@ -237,14 +249,21 @@ class ServeBackend:
         return None  # CURRENT: the searchers follow it
 
     async def encode(self, queries: list[str]) -> np.ndarray:
-        if len(queries) == 1:  # concurrent single queries share one forward pass (@serve.batch)
-            return np.asarray(await self.encoder.encode_one.remote(queries[0]), dtype=np.float32)[None, :]
-        return np.asarray(await self.encoder.encode_many.remote(queries), dtype=np.float32)
+        import asyncio
+
+        try:
+            if len(queries) == 1:  # concurrent single queries share one forward pass (@serve.batch)
+                call = self.encoder.encode_one.remote(queries[0])
+                return np.asarray(await asyncio.wait_for(call, self.timeout_s), dtype=np.float32)[None, :]
+            call = self.encoder.encode_many.remote(queries)
+            return np.asarray(await asyncio.wait_for(call, self.timeout_s), dtype=np.float32)
+        except Exception as e:  # noqa: BLE001 - a lost encoder replica is a 503, never a 500
+            raise Unavailable(f"the query encoder did not answer: {type(e).__name__}: {str(e)[:200]}") from e
 
     async def dense(self, xq: np.ndarray, k: int, opts: SearchOptions,
                     allowed: Optional[np.ndarray]) -> DenseResult:
-        calls = [h.search.remote(xq, k, opts.nprobe, allowed) for h in self.searchers]
-        results = await gather_groups(calls, self.timeout_s)
+        results = await gather_groups([lambda h=h: h.search.remote(xq, k, opts.nprobe, allowed)
+                                       for h in self.searchers], self.timeout_s)
         missing = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
         if missing and (not opts.allow_partial or len(missing) == len(results)):
             raise Unavailable(f"shard group(s) {missing} unavailable: {results[missing[0]]!s:.200}",
@@ -269,14 +288,17 @@ def _snip(hits: list[Any], full: bool, chars: int) -> list[dict[str, Any]]:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, encoder: DeploymentHandle, searchers: list[DeploymentHandle],
-                 reranker: Optional[DeploymentHandle], cfg: dict[str, Any]) -> None:
+                 reranker: Optional[DeploymentHandle], datanode: DeploymentHandle, on_data_node: bool,
+                 cfg: dict[str, Any]) -> None:
         self.cfg = config_from_dict(cfg)
         self.searchers = searchers
         self.encoder = encoder
+        self.datanode = datanode
         api.state.token = self.cfg.serve.token or os.environ.get("SHOAL_TOKEN") or None
         api.state.max_body_bytes = int(self.cfg.serve.max_body_bytes)
         api.state.max_batch_queries = int(self.cfg.serve.max_batch_queries)
-        self.core = QueryCore(self.cfg, ServeBackend(encoder, searchers, reranker, self.cfg.serve.shard_timeout_s))
+        self.core = QueryCore(self.cfg, ServeBackend(encoder, searchers, reranker, self.cfg.serve.shard_timeout_s),
+                              remote=None if on_data_node else datanode)
         self.latency_ms: deque[float] = deque(maxlen=5000)
         self.requests = 0
 
@@ -338,24 +360,32 @@ class Ingress:
 
     @api.get("/healthz", response_model=Health, responses={503: ERRORS[503]})
     async def healthz(self) -> Any:
-        results = await gather_groups([h.info.remote() for h in self.searchers], 10.0)
+        results = await gather_groups([lambda h=h: h.info.remote() for h in self.searchers],
+                                      min(10.0, self.cfg.serve.shard_timeout_s))
         bad = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
         if bad:
-            return error(503, f"shard group(s) {bad} not loaded", missing_shards=bad)
+            return error(503, f"shard group(s) {bad} not answering: {results[bad[0]]!s:.200}", missing_shards=bad)
+        try:  # the ingress path: the catalog and the live keyword index answer
+            await asyncio.wait_for(self.core.data_health(), min(10.0, self.cfg.serve.shard_timeout_s))
+        except Exception as e:  # noqa: BLE001
+            return error(503, f"the catalog or keyword index cannot answer: {type(e).__name__}: {str(e)[:200]}")
         return {"status": "ok", "generation": sorted({r["generation"] for r in results})[-1]}
 
     @api.get("/stats", responses={401: ERRORS[401]})
     async def stats(self) -> dict[str, Any]:
-        import asyncio
-
-        results = await gather_groups([h.info.remote() for h in self.searchers], 10.0)
-        enc = await gather_groups([self.encoder.info.remote()], 10.0)
+        results = await gather_groups([lambda h=h: h.info.remote() for h in self.searchers], 10.0)
+        enc = await gather_groups([lambda: self.encoder.info.remote()], 10.0)
+        replicas = await gather_groups([lambda: self.datanode.replica_reports.remote()], 10.0)
         groups = [r if not isinstance(r, BaseException) else {"group": i, "error": str(r)[:200]}
                   for i, r in enumerate(results)]
         gens = sorted({g["generation"] for g in groups if "generation" in g})
-        counts = await asyncio.to_thread(self.core._db, "counts")
+        counts = await self.core.counts()
+        from shoal.workers.datanode import where
+
         return {"generation": gens[-1] if gens else None, "shard_groups": groups,
+                "ingress": {**where(), "reads_catalog": "through DataNode" if self.core.remote else "here"},
                 "encoder": enc[0] if not isinstance(enc[0], BaseException) else {"error": str(enc[0])[:200]},
+                "replicas": replicas[0] if not isinstance(replicas[0], BaseException) else [],
                 "catalog": counts, "requests": self.requests, "latency_ms": percentiles(list(self.latency_ms)),
                 "stages_ms": self.core.stage_percentiles()}
 
@@ -369,9 +399,25 @@ def run_serve(cfg: Config, *, detach: bool = False, out: Any = print) -> None:
     from shoal.index import generations
 
     generations.open_current(cfg.data_path)  # a clear error now rather than a replica that cannot start
-    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
+    # the replicas' logs stay in Ray's session logs and the dashboard: this terminal gets shoal's lines
+    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, log_to_driver=False)
+    if not log.isEnabledFor(logging.INFO):  # Serve's "Started Serve ..." lines too, unless -v
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(AppArgs(cfg=config_to_dict(cfg))), name="shoal", route_prefix="/")
+    try:
+        serve._run(build_app(AppArgs(cfg=config_to_dict(cfg))), name=APP, route_prefix="/", _blocking=False)
+        wait_deployed(cfg.serve.deploy_timeout_s)
+    except BaseException as e:
+        reason = e.args[0] if isinstance(e, ShoalError) else f"{type(e).__name__}: {str(e).strip().splitlines()[-1:]}"
+        try:  # nothing half-running: the app goes, and Serve with it if nothing else runs there
+            serve.delete(APP)
+            if not serve.status().applications:
+                serve.shutdown()
+        except Exception:  # noqa: BLE001 - reporting the first failure matters more
+            log.exception("could not remove the failed app")
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise ShoalError(f"shoal serve: {reason}") from None
     out(f"shoal serving {cfg.data_path} at http://{cfg.serve.host}:{cfg.serve.port} (docs at /docs)")
     if detach:
         return
@@ -381,6 +427,61 @@ def run_serve(cfg: Config, *, detach: bool = False, out: Any = print) -> None:
     stop.wait()
     out("shutting down")
     serve.shutdown()
+
+
+APP = "shoal"
+
+
+def serving_replicas(cfg: Config) -> list[dict[str, Any]]:
+    """Every ShardSearcher replica of the running app, as the data node last heard from it; [] if none."""
+    from shoal.cluster.ray_env import init_ray
+
+    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
+    if APP not in serve.status().applications:
+        return []
+    h = serve.get_deployment_handle("DataNode", app_name=APP)
+    return list(h.replica_reports.remote().result(timeout_s=30))
+
+
+def wait_deployed(timeout_s: float, poll_s: float = 0.5) -> None:
+    """Block until every deployment of the app is healthy; ShoalError naming the first one that failed
+    (or is still not running at the deadline), where, and why, on one line."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(APP)
+        status = str(getattr(app, "status", "")) if app else ""
+        if status.endswith("RUNNING"):
+            return
+        failed = status.endswith("DEPLOY_FAILED") or status.endswith("UNHEALTHY")
+        if failed or time.monotonic() > deadline:
+            raise ShoalError(deploy_failure(app, timed_out=not failed, timeout_s=timeout_s))
+        time.sleep(poll_s)
+
+
+def deploy_failure(app: Any, *, timed_out: bool, timeout_s: float) -> str:
+    """One line: the deployment, the node where we know it, the reason (the replica's own message)."""
+    import re
+
+    if app is None:
+        return "the app did not appear in Serve"
+    deployments = getattr(app, "deployments", {}) or {}
+    rank = {"UNHEALTHY": 0, "DEPLOY_FAILED": 0, "UPDATING": 1}  # the one that failed, before those waiting on it
+    bad = sorted(((n, d) for n, d in deployments.items() if str(getattr(d, "status", "")).split(".")[-1] != "HEALTHY"),
+                 key=lambda nd: rank.get(str(getattr(nd[1], "status", "")).split(".")[-1], 2))
+    if not bad:
+        return f"app status {app.status}: {(getattr(app, 'message', '') or '').strip()[-300:]}"
+    name, d = bad[0]
+    msg = (getattr(d, "message", "") or "").strip()
+    ours = re.findall(r"(\w+ on node [^:\s]+: [^\n]+)", msg)  # our replicas name their node themselves
+    if ours:
+        return f"deployment {name} failed: {ours[-1].strip()[:400]}"
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    reason = lines[-1] if lines else str(getattr(d, "status", ""))
+    if timed_out:
+        need = re.search(r"Resources required for each replica: (\{[^}]*\})", msg)
+        reason = (f"not running after {timeout_s:.0f} s" +
+                  (f": no node has the resources it asks for {need.group(1)}" if need else f": {reason[:300]}"))
+    return f"deployment {name} failed: {reason[:400]}"
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

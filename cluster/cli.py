@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="index generation, counts, skipped files, model, device")
     p.add_argument("--json", action="store_true")
     p.add_argument("--skipped", action="store_true", help="list every skipped file with its reason")
+    p.add_argument("--address", help="Ray cluster running `shoal serve`: also show every serving replica "
+                   "(node, GPU, shards, generation)")
     _common(p)
 
     p = sub.add_parser("reindex", help="retrain the quantizer on all vectors and rebuild every shard")
@@ -335,6 +337,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     st = status_dict(cfg)
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        from shoal.cluster.app import serving_replicas
+
+        st["serving"] = serving_replicas(cfg)
     if not args.skipped:
         st.pop("skipped", None)
     if args.json:
@@ -369,6 +375,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         r = st["last_run"]
         if r:
             print(f"last run:    #{r['id']} {r['status']} ({r['stats'].get('chunks_added', 0)} chunks added)")
+    if "serving" in st:
+        reps = st["serving"]
+        print(f"serving:     {len(reps)} shard replica(s)" if reps else "serving:     no shoal app on this cluster")
+        for r in reps:
+            gpus = ",".join(r.get("gpu_ids") or []) or "none"
+            print(f"  group {r['group']}:   node {r.get('node_ip')} GPU {gpus}, shards {', '.join(r.get('shards', []))}, "
+                  f"generation {r.get('generation')} ({r.get('source')}; {r.get('devices')}), seen {r.get('seen_s_ago')} s ago"
+                  + (f"; {r['load_error']}" if r.get("load_error") else ""))
     for s in st.get("skipped", []):
         print(f"  {s['reason']:<22} {display_path(s['path'])}" + (f"  ({s['detail']})" if s["detail"] else ""))
     return 0

@@ -138,7 +138,14 @@ class ServeConfig:
     port: int = 8000
     token: Optional[str] = None  # bearer token; also $SHOAL_TOKEN
     shard_groups: int = 0  # ShardSearcher deployments; 0: one per GPU of the plan, 1 on CPU
-    searcher_replicas: int = 1
+    replicas_per_group: int = 1  # ShardSearcher replicas per group; 2 puts them on different nodes where possible
+    ingress: str = "data_node"  # data_node: pinned beside the catalog; "any", or a node's IP address: it reads
+    #                             the catalog and keyword index through the DataNode deployment
+    cache_dir: Optional[str] = None  # node-local copies of generations on nodes without the data dir
+    #                                  (default $XDG_CACHE_HOME/shoal/generations on each node)
+    transfer_chunk_bytes: Bytes = Bytes(8 << 20)  # a generation travels to other nodes in chunks of this size
+    deploy_timeout_s: float = 300.0  # `shoal serve` gives up (exit 2, nothing left running) after this
+    num_cpus_datanode: float = 0.1
     encoder_replicas: int = 1
     num_cpus_ingress: float = 0.1  # Ray asks 1 CPU per replica by default: 3 deployments never fit 2 cores
     num_cpus_encoder: float = 0.5
@@ -238,7 +245,8 @@ def _check_values(cfg: Config) -> None:
     if cfg.index.ondisk_block <= 0:
         raise ConfigError(f"index.ondisk_block: must be > 0, got {cfg.index.ondisk_block!r}")
     sv = cfg.serve
-    for key, v in {"serve.port": sv.port, "serve.searcher_replicas": sv.searcher_replicas,
+    for key, v in {"serve.port": sv.port, "serve.replicas_per_group": sv.replicas_per_group,
+                   "serve.transfer_chunk_bytes": sv.transfer_chunk_bytes, "serve.deploy_timeout_s": sv.deploy_timeout_s,
                    "serve.encoder_replicas": sv.encoder_replicas, "serve.max_batch_size": sv.max_batch_size,
                    "serve.max_batch_queries": sv.max_batch_queries, "serve.max_body_bytes": sv.max_body_bytes,
                    "serve.rerank_candidates": sv.rerank_candidates,
@@ -246,11 +254,14 @@ def _check_values(cfg: Config) -> None:
                    "serve.searcher_threads": sv.searcher_threads}.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v!r}")
+    if sv.ingress not in ("data_node", "any") and not re.fullmatch(r"[0-9a-fA-F.:]+", sv.ingress):
+        raise ConfigError(f"serve.ingress: data_node, any, or a node's IP address; got {sv.ingress!r}")
     if sv.port > 65535:
         raise ConfigError(f"serve.port: must be <= 65535, got {sv.port!r}")
     for key, v in {"serve.shard_groups": sv.shard_groups, "serve.batch_wait_timeout_s": sv.batch_wait_timeout_s,
                    "serve.num_cpus_ingress": sv.num_cpus_ingress, "serve.num_cpus_encoder": sv.num_cpus_encoder,
                    "serve.num_cpus_searcher": sv.num_cpus_searcher, "serve.num_cpus_reranker": sv.num_cpus_reranker,
+                   "serve.num_cpus_datanode": sv.num_cpus_datanode,
                    "serve.reload_interval_s": sv.reload_interval_s, "serve.shard_timeout_s": sv.shard_timeout_s}.items():
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v!r}")

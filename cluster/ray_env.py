@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
-             num_gpus: Optional[int] = None) -> str:
+             num_gpus: Optional[int] = None, log_to_driver: bool = True) -> str:
     """Join ``address`` (or $RAY_ADDRESS), else start a loopback-only local Ray.
 
     Returns "local" or the address joined.
@@ -20,7 +20,7 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     if ray.is_initialized():
         return "existing"
     address = address or os.environ.get("RAY_ADDRESS")
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=log_to_driver)
     if address:
         ray.init(address=address, **quiet)
         log.info("joined Ray cluster at %s", address)

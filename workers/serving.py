@@ -61,29 +61,126 @@ class QueryEncoder:
 
 @serve.deployment(name="ShardSearcher")
 class ShardSearcher:
-    """Holds shard group ``group`` of the live generation; follows CURRENT to new generations.
+    """Holds shard group ``group`` of the live generation, on whatever node Serve put it.
 
-    A background thread loads a new generation completely, then swaps one
-    reference: requests in flight finish on the old one, none is dropped.
+    The data node announces generations (``datanode``, the DataNode deployment):
+    where this node sees the data dir at the same path the files are used in
+    place; elsewhere exactly this group's files are copied into the node-local
+    cache (serve.cache_dir) in bounded chunks and checked against the manifest.
+    A new generation is loaded completely, then one reference is swapped:
+    requests in flight finish on the old one, none is dropped, and a generation
+    whose files do not verify is refused while the old one keeps serving.
+    Without ``datanode`` (a single process) it follows CURRENT in the data dir.
     """
 
     def __init__(self, data_dir: str, group: int, n_groups: int, reload_interval_s: float,
-                 refine_k_factor: float, omp_threads: int = 1) -> None:
+                 refine_k_factor: float, omp_threads: int = 1, datanode: Any = None,
+                 cache_dir: Optional[str] = None, chunk_bytes: int = 8 << 20) -> None:
         import faiss
+
+        from shoal.workers.datanode import where
 
         faiss.omp_set_num_threads(max(1, omp_threads))
         self.data = Path(data_dir)
         self.group, self.n_groups = group, n_groups
         self.refine_k_factor = refine_k_factor
+        self.datanode, self.cache_dir, self.chunk_bytes = datanode, cache_dir, int(chunk_bytes)
+        self.reload_interval_s = reload_interval_s
+        self.where = where()
+        self.name = f"ShardSearcher{group}"
         self.current: Optional[tuple[str, Any, dict[str, Any]]] = None  # (name, LoadedGeneration, manifest)
         self.load_error: Optional[str] = None
-        self._reload()
+        self.source = ""  # "in place" or the cache folder it was copied to
+        self.last_copy: dict[str, Any] = {}
+        self.refused: tuple[str, float] = ("", 0.0)  # a generation whose files did not verify, and when
+        self._cache: Any = None
+        if datanode is None:
+            self._reload_local()
+        else:
+            ann = _off_loop(lambda: datanode.current.remote().result(timeout_s=120))
+            _off_loop(lambda: self._apply(ann))
         if self.current is None:
-            raise RuntimeError(f"shard group {group}: {self.load_error}")
+            raise RuntimeError(f"{self.name} on node {self.where['node_ip']}: {self.load_error}")
         if reload_interval_s > 0:
-            threading.Thread(target=self._watch, args=(reload_interval_s,), daemon=True).start()
+            threading.Thread(target=self._watch if datanode is not None else self._poll_local,
+                             daemon=True).start()
 
-    def _reload(self) -> bool:
+    # -- following the data node -----------------------------------------------------------
+    def _apply(self, ann: dict[str, Any]) -> bool:
+        """Load the announced generation (in place, or copied and verified); keep serving on failure."""
+        import json
+
+        from shoal.index import generations
+        from shoal.index.search import LoadedGeneration
+        from shoal.index.sync import group_files, visible_in_place
+
+        name = ann.get("generation")
+        if name is None:
+            self.load_error = f"the data node ({ann.get('data_dir')}) has no index generation yet"
+            return False
+        if self.current is not None and self.current[0] == name:
+            return False
+        try:
+            manifest = json.loads(ann["manifest"])
+            files = group_files(manifest, self.group, self.n_groups)
+            gen_dir = visible_in_place(self.data, name, ann["manifest_sha256"])
+            if gen_dir is not None:
+                generations.verify(gen_dir, manifest, files)
+                source = "in place"
+            else:
+                cache = self._the_cache(ann)
+                cache.prune({name} | ({self.current[0]} if self.current else set()))
+                got = cache.fetch(name, ann["manifest"], files, self._reader(name, manifest),
+                                  chunk_bytes=self.chunk_bytes)
+                gen_dir, source = got.gen_dir, f"copied to {got.gen_dir.parent}"
+                self.last_copy = {"generation": name, "files": len(files), "bytes": got.bytes,
+                                  "seconds": round(got.seconds, 3), "copied": got.copied}
+            gen = LoadedGeneration(gen_dir, manifest, group=self.group, n_groups=self.n_groups,
+                                   k_factor=self.refine_k_factor)
+        except Exception as e:  # keep serving the last good generation
+            from shoal.index.errors import ShoalError
+
+            kind = "" if isinstance(e, ShoalError) else f"{type(e).__name__}: "  # ours name the problem already
+            self.load_error = f"cannot load generation {name}: {kind}{str(e)[:300]}"
+            self.refused = (name, time.monotonic())
+            log.error("%s: %s; still serving %s", self.name, self.load_error, self.current[0] if self.current else None)
+            return False
+        old = self.current
+        self.current = (name, gen, manifest)
+        self.source, self.load_error, self.refused = source, None, ("", 0.0)
+        if self._cache is not None:
+            self._cache.prune({name} | ({old[0]} if old else set()))
+        log.info("%s now serves generation %s (%s, %s)", self.name, name, source, gen.devices)
+        return True
+
+    def _the_cache(self, ann: dict[str, Any]) -> Any:
+        from shoal.index.sync import GenerationCache, data_key
+        from shoal.workers.datanode import cache_root
+
+        if self._cache is None:
+            self._cache = GenerationCache(cache_root(self.cache_dir), data_key(ann["data_node"], ann["data_dir"]))
+        return self._cache
+
+    def _reader(self, name: str, manifest: dict[str, Any]) -> Any:
+        return datanode_reader(self.datanode, name, manifest, self.chunk_bytes)
+
+    def _watch(self) -> None:
+        """Long-poll the data node for the next generation (it announces; this never reads its files)."""
+        while True:
+            try:
+                known = self.current[0] if self.current else None
+                name, when = self.refused
+                if name and time.monotonic() - when < 30:
+                    known = name  # a refused generation is tried again after 30 s, or when a newer one comes
+                ann = self.datanode.wait_generation.remote(known, 10.0, self._report()).result(timeout_s=40)
+                if ann.get("generation") not in (None, known):
+                    self._apply(ann)
+            except Exception as e:  # noqa: BLE001 - the data node may be restarting: try again
+                log.warning("%s: no announcement from the data node: %s", self.name, str(e)[:200])
+                time.sleep(max(self.reload_interval_s, 1.0))
+
+    # -- a single process: follow CURRENT ---------------------------------------------------
+    def _reload_local(self) -> bool:
         from shoal.index import generations
         from shoal.index.search import LoadedGeneration
 
@@ -103,15 +200,16 @@ class ShardSearcher:
                       self.current[0] if self.current else None, self.load_error)
             return False
         self.current = (m["generation"], gen, m)
-        self.load_error = None
+        self.source, self.load_error = "in place", None
         log.info("shard group %d now serves generation %s (%s)", self.group, m["generation"], gen.devices)
         return True
 
-    def _watch(self, every_s: float) -> None:
+    def _poll_local(self) -> None:
         while True:
-            time.sleep(every_s)
-            self._reload()
+            time.sleep(self.reload_interval_s)
+            self._reload_local()
 
+    # -- serving ---------------------------------------------------------------------------
     def check_health(self) -> None:
         if self.current is None:
             raise RuntimeError(f"shard group {self.group} has no generation loaded")
@@ -125,13 +223,55 @@ class ShardSearcher:
         D, I = gen.search(xq, k, allowed, nprobe=nprobe)  # per-call parameters: safe in Serve's thread pool
         return D, I, name
 
+    def _report(self) -> dict[str, Any]:
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside Serve
+            replica = str(os.getpid())
+        name, gen, _m = self.current if self.current else (None, None, None)
+        return {"deployment": self.name, "replica": replica, "group": self.group, "generation": name,
+                "shards": gen.shard_files if gen else [], "devices": gen.devices if gen else [],
+                "source": self.source, "load_error": self.load_error, **self.where}
+
     def info(self) -> dict[str, Any]:
         name, gen, m = self.current  # type: ignore[misc]
         return {"group": self.group, "generation": name, "nprobe": gen.nprobe, "shards": gen.shard_files,
                 "devices": gen.devices,
                 "ntotal": int(gen.main.ntotal), "delta": int(gen.delta.ntotal) if gen.delta is not None else 0,
                 "deleted": int(len(gen.deleted)), "pid": os.getpid(), "load_error": self.load_error,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                "source": self.source, "last_copy": self.last_copy, **self.where}
+
+
+def datanode_reader(datanode: Any, name: str, manifest: dict[str, Any], chunk: int, depth: int = 4) -> Any:
+    """read(file, offset, size) over the DataNode deployment, ``depth`` chunks requested ahead (the
+    object store carries them while the previous one is hashed and written)."""
+    sizes = {f: int(m["bytes"]) for f, m in manifest["files"].items()}
+    pending: dict[tuple[str, int], Any] = {}
+
+    def read(fname: str, offset: int, size: int) -> bytes:
+        for j in range(depth):
+            o = offset + j * chunk
+            if o >= sizes[fname]:
+                break
+            if (fname, o) not in pending:
+                pending[(fname, o)] = datanode.read.remote(name, fname, o, min(chunk, sizes[fname] - o))
+        return pending.pop((fname, offset)).result(timeout_s=120)
+
+    return read
+
+
+def _off_loop(fn: Any) -> Any:
+    """Run ``fn`` where blocking on a DeploymentHandle is allowed: not on a thread running an event loop
+    (a replica's constructor may run on one)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as ex:
+        return ex.submit(fn).result()
 
 
 @serve.deployment(name="Reranker")
@@ -151,13 +291,29 @@ class Reranker:
         return {"model": self.ce.name, "device": self.ce.device, "pid": os.getpid()}
 
 
-async def gather_groups(calls: Sequence[Any], timeout_s: float) -> list[Any]:
-    """Await every shard group's response together; an exception stands in for a failed group."""
-    async def one(c: Any) -> Any:
-        try:
-            return await asyncio.wait_for(c, timeout_s)
-        except Exception as e:  # noqa: BLE001 - reported per group by the caller
-            return e
+async def gather_groups(calls: Sequence[Any], timeout_s: float, retry_after_s: float = 0.05) -> list[Any]:
+    """Await every group's response together, all within ``timeout_s``; an exception stands in for a
+    group that failed. ``calls`` are zero-argument functions making the call: one that fails fast (its
+    replica died) is made again while time is left, so Serve can route it to another replica."""
+    from ray.exceptions import RayActorError
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+
+    async def one(make: Any) -> Any:
+        err: BaseException = TimeoutError(f"no answer within {timeout_s:g} s")
+        while (left := deadline - loop.time()) > 0:
+            try:
+                return await asyncio.wait_for(make(), left)
+            except asyncio.TimeoutError:
+                return TimeoutError(f"no answer within {timeout_s:g} s")
+            except Exception as e:  # noqa: BLE001 - reported per group by the caller
+                if not isinstance(e, RayActorError):
+                    return e  # the replica answered with an error: asking again would not change it
+                err = e
+                await asyncio.sleep(min(retry_after_s, max(0.0, deadline - loop.time())))
+                retry_after_s = min(retry_after_s * 4, 1.0)
+        return err
 
     return list(await asyncio.gather(*(one(c) for c in calls)))
 

@@ -107,3 +107,35 @@ def test_searchers_leave_room_for_the_encoder_on_a_card():
     assert 2 * searcher_gpus(1.0, 0.25) + 0.25 <= 2
     assert searcher_gpus(1.0, 0.0) == 1.0  # encoder on the CPU: a whole card each
     assert searcher_gpus(0.0, 0.25) == 0.0  # searchers on the CPU
+
+
+def test_deploy_failure_names_the_failed_deployment_and_node():
+    from types import SimpleNamespace as NS
+
+    from shoal.cluster.app import deploy_failure
+
+    tb = ("The deployment failed to start 3 times in a row. Error:\nTraceback (most recent call last):\n"
+          "  File \"x.py\", line 1\nRuntimeError: ShardSearcher1 on node 10.0.0.2: cannot load generation 000004: "
+          "shard_01.index: received 10 bytes with sha256 abc, the manifest says 12 bytes with def: refused\n")
+    app = NS(status="ApplicationStatus.DEPLOY_FAILED", message="", deployments={
+        "QueryEncoder": NS(status="DeploymentStatus.UPDATING", message="waiting"),
+        "ShardSearcher1": NS(status="DeploymentStatus.DEPLOY_FAILED", message=tb),
+        "Ingress": NS(status="DeploymentStatus.HEALTHY", message="")})
+    line = deploy_failure(app, timed_out=False, timeout_s=300)
+    assert "\n" not in line and line.startswith("deployment ShardSearcher1 failed: ShardSearcher1 on node 10.0.0.2:")
+    assert "shard_01.index" in line
+    stuck = NS(status="ApplicationStatus.DEPLOYING", message="", deployments={
+        "ShardSearcher0": NS(status="DeploymentStatus.UPDATING", message=(
+            "Deployment 'ShardSearcher0' has 1 replicas that have taken more than 30s to be scheduled. "
+            "Resources required for each replica: {\"CPU\": 0.2, \"GPU\": 1.0}, total resources available: {}."))})
+    line = deploy_failure(stuck, timed_out=True, timeout_s=120)
+    assert line == ('deployment ShardSearcher0 failed: not running after 120 s: no node has the resources it asks '
+                    'for {"CPU": 0.2, "GPU": 1.0}')
+
+
+def test_ingress_placement_is_checked():
+    from shoal.cluster.config import ConfigError, config_from_dict
+
+    assert config_from_dict({"serve": {"ingress": "10.0.0.2"}}).serve.ingress == "10.0.0.2"
+    with pytest.raises(ConfigError, match="serve.ingress"):
+        config_from_dict({"serve": {"ingress": "somewhere else"}})
