@@ -106,7 +106,10 @@ class EmbedPool:
         self.run, self.job = run, ""
         self.actors: list[Any] = []
         self.info: list[dict[str, Any]] = []
-        self.inflight: dict[Any, tuple[int, Any, float, int]] = {}  # ref -> (actor idx, payload, t0, seq)
+        self.inflight: dict[Any, tuple[int, Any, float, int, list[str]]] = {}  # ref -> (actor, payload, t0, seq, texts)
+        self.lost: set[int] = set()  # actors whose node or process went away: no new work for them
+        self.resubmitted = 0
+        self.batches: Counter = Counter()  # batches each actor finished
         self.done: dict[int, tuple[Any, np.ndarray, float]] = {}  # finished early, waiting for their turn
         self.next_submit = 0
         self.next_commit = 0
@@ -122,12 +125,18 @@ class EmbedPool:
         init_ray(self.cfg.ray.address, num_cpus=self.cfg.ray.num_cpus, num_gpus=self.cfg.ray.num_gpus)
         m, e = self.cfg.model, self.cfg.embed
         n_gpus = int(ray.cluster_resources().get("GPU", 0))
+        free = int(ray.available_resources().get("GPU", 0))
+        if 0 < n_gpus and free < n_gpus:  # a running `shoal serve` holds cards: use the whole ones left
+            log.warning("%d of the cluster's %d GPU(s) are held by other work (a running `shoal serve`?): "
+                        "embedding on %s", n_gpus - free, n_gpus,
+                        f"the {free} free one(s)" if free else "the CPU")
+            n_gpus = free
         if n_gpus > 0:
             opts = [dict(num_gpus=1, num_cpus=e.cpus_per_actor)] * n_gpus
             threads, device, batch = 1, m.device, e.gpu_batch_size
             log.info("embedding on %d GPU actor(s), one per GPU", n_gpus)
         else:
-            opts = [dict(num_cpus=e.cpus_per_actor)] * e.cpu_actors
+            opts = [dict(num_cpus=e.cpus_per_actor, scheduling_strategy="SPREAD")] * e.cpu_actors  # one per node first
             threads = torch_threads_for(e.cpu_actors, e.threads_per_actor)
             device, batch = "cpu", m.batch_size
             log.info("no GPU in the Ray cluster: embedding on %d CPU actor(s), %d threads each", e.cpu_actors, threads)
@@ -155,12 +164,16 @@ class EmbedPool:
     def submit(self, texts: list[str], payload: Any) -> None:
         if not self.actors:
             self.start()
-        i = min(range(len(self.actors)), key=lambda j: self.load[j])
-        ref = self.actors[i].embed.remote(texts)
-        self.load[i] += 1
-        self.inflight[ref] = (i, payload, time.perf_counter(), self.next_submit)
+        self._send(texts, payload, self.next_submit)
         self.next_submit += 1
         self._gauge()
+
+    def _send(self, texts: list[str], payload: Any, seq: int, avoid: Optional[int] = None) -> None:
+        live = [j for j in range(len(self.actors)) if j not in self.lost and j != avoid]
+        i = min(live or [avoid if avoid is not None else 0], key=lambda j: self.load[j])
+        ref = self.actors[i].embed.remote(texts)
+        self.load[i] += 1
+        self.inflight[ref] = (i, payload, time.perf_counter(), seq, texts)
 
     def _gauge(self) -> None:
         from shoal.workers.metrics import ingest_metrics
@@ -180,11 +193,21 @@ class EmbedPool:
         """
         import ray
 
+        from ray.exceptions import RayActorError
+
         while self.next_commit not in self.done:
             [ref], _ = ray.wait(list(self.inflight), num_returns=1)
-            i, payload, t0, seq = self.inflight.pop(ref)
+            i, payload, t0, seq, texts = self.inflight.pop(ref)
             self.load[i] -= 1
-            self.done[seq] = (payload, ray.get(ref), time.perf_counter() - t0)
+            try:
+                self.done[seq] = (payload, ray.get(ref), time.perf_counter() - t0)
+                self.batches[i] += 1
+            except RayActorError as e:  # its process or its node is gone: the batch goes to another actor
+                self.lost.add(i)
+                self.resubmitted += 1
+                log.warning("embedding actor %d lost (%s): batch %d sent to another actor", i,
+                            type(e).__name__, seq)
+                self._send(texts, payload, seq, avoid=i)
         out = self.done.pop(self.next_commit)
         self.next_commit += 1
         self._gauge()
@@ -382,7 +405,7 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
             report.chunks_removed += cat.delete_files(gone)
             cat.clear_skipped(root)
             cat.record_skipped(skips, root, run_id)
-        report.actors = pool.info
+        report.actors = [dict(a, batches=pool.batches[i], lost=i in pool.lost) for i, a in enumerate(pool.info)]
         changed = report.chunks_added or report.chunks_removed or report.deleted
         live = generations.current_name(data)
         if build and live is not None and not changed:

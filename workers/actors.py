@@ -20,7 +20,7 @@ def card_slug(name: str) -> str:
     return "".join(c for c in "".join(words) if c.isalnum()) or "gpu"
 
 
-@ray.remote(max_restarts=3, max_task_retries=3)
+@ray.remote(max_restarts=3, max_task_retries=0)  # a failed batch is resubmitted by the pool, to a live actor
 class EmbedActor:
     """Holds one model on one device (the GPU Ray assigned, or the CPU).
 
@@ -73,6 +73,7 @@ class EmbedActor:
             "dim": self.lm.dim,
             "max_seq_length": self.lm.max_seq_length,
             "batch_size": self.batch_size,
+            "node_ip": ray.util.get_node_ip_address(),
         }
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
