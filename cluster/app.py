@@ -404,6 +404,7 @@ def run_serve(cfg: Config, *, detach: bool = False, out: Any = print) -> None:
     if not log.isEnabledFor(logging.INFO):  # Serve's "Started Serve ..." lines too, unless -v
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    _check_http_options(cfg)
     try:
         serve._run(build_app(AppArgs(cfg=config_to_dict(cfg))), name=APP, route_prefix="/", _blocking=False)
         wait_deployed(cfg.serve.deploy_timeout_s)
@@ -430,6 +431,17 @@ def run_serve(cfg: Config, *, detach: bool = False, out: Any = print) -> None:
 
 
 APP = "shoal"
+
+
+def _check_http_options(cfg: Config) -> None:
+    """Serve keeps the HTTP address it was first started with: refuse to deploy where nobody would look."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    if (http.host, int(http.port)) != (cfg.serve.host, int(cfg.serve.port)):
+        raise ShoalError(f"Ray Serve already runs on this cluster at {http.host}:{http.port}, not "
+                         f"{cfg.serve.host}:{cfg.serve.port}: run `serve shutdown --address ...` first, or set "
+                         "serve.host/serve.port to match")
 
 
 def serving_replicas(cfg: Config) -> list[dict[str, Any]]:

@@ -81,7 +81,7 @@ def fetch(raw, gen, cache_dir, chunk):
 
 secs, nbytes, where = ray.get(fetch.remote(raw, gen, cache_dir, chunk))
 print(json.dumps({"seconds": secs, "bytes": nbytes, "node": where}))
-serve.delete("ship")
+serve.shutdown()  # Serve keeps its first HTTP options: leave none behind for `shoal serve`
 """
 
 
@@ -111,7 +111,7 @@ def ship(net: TwoHosts, tmp: Path, mb: int, chunk: int) -> dict:
                   timeout=900)
     if r.returncode != 0:
         raise SystemExit(f"ship failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith('{"seconds"')))
     shutil.rmtree(data)
     shutil.rmtree(tmp / "ship-cache", ignore_errors=True)
     return out
@@ -161,14 +161,17 @@ def wait_healthy(net: TwoHosts, within: float = 240) -> None:
 
     def go() -> None:
         deadline = time.time() + within
+        last = ""
         while time.time() < deadline:
             try:
-                if httpx.get("http://198.18.0.1:8000/healthz", timeout=5).status_code == 200:
+                r = httpx.get("http://198.18.0.1:8000/healthz", timeout=5)
+                if r.status_code == 200:
                     return
-            except httpx.HTTPError:
-                pass
+                last = r.text[:300]
+            except httpx.HTTPError as e:
+                last = repr(e)
             time.sleep(1)
-        raise SystemExit("the app did not become healthy")
+        raise SystemExit(f"the app did not become healthy: {last}")
 
     in_netns(net.a.ns, go)
 
@@ -213,6 +216,7 @@ def main() -> None:
         ing1 = ingest(net, corpus, write_cfg(tmp / "one.json", tmp / "d1", tmp / "cache", 1))
         serve_up(net, tmp / "one.json")
         srv1 = load(net, args.seconds)
+        print("one host:", ing1, srv1, flush=True)
     finally:
         net.stop()
     net = TwoHosts(tmp, hidden_on_b=[tmp / "d1", tmp / "d2"], prefix="shoalbc")

@@ -50,7 +50,7 @@ class Host:
 
     def wrap(self, cmd: list[str], *, own_pid_ns: bool = False) -> list[str]:
         """``cmd`` as run on this host: its network, its view of the filesystem (hidden dirs)."""
-        mounts = "".join(f"mount -t tmpfs -o size=1m shoal-hidden {p} && " for p in self.hide)
+        mounts = "".join(f"mkdir -p {p} && mount -t tmpfs -o size=1m shoal-hidden {p} && " for p in self.hide)
         inner = ["unshare", "--mount", "--propagation", "private"]
         if own_pid_ns:
             inner += ["--pid", "--fork", "--mount-proc"]
