@@ -124,7 +124,7 @@ class DataNode:
         """Every ShardSearcher replica heard from, with the seconds since (a lost node's go stale)."""
         now = time.time()
         for rid, (seen, _r) in list(self.replicas.items()):
-            if now - seen > 300:
+            if now - seen > 60:  # a live replica reports every 10 s
                 del self.replicas[rid]
         return sorted((dict(r, seen_s_ago=round(now - seen, 1)) for seen, r in self.replicas.values()),
                       key=lambda r: (r.get("group", 0), r.get("node_ip", "")))

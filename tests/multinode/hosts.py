@@ -37,6 +37,11 @@ def can_make_hosts() -> Optional[str]:
     for tool in ("ip", "unshare", "mount"):
         if shutil.which(tool) is None:
             return f"needs {tool}"
+    probe = f"shoalprobe{os.getpid()}"
+    r = sh("ip", "netns", "add", probe, check=False)
+    sh("ip", "netns", "del", probe, check=False)
+    if r.returncode != 0:
+        return f"cannot make a network namespace here: {r.stderr.strip()[:200]}"
     return None
 
 
