@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     text TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chunks_file ON chunks(file_id);
+CREATE INDEX IF NOT EXISTS files_root ON files(root);
 CREATE TABLE IF NOT EXISTS skipped (
     path TEXT PRIMARY KEY,
     root TEXT NOT NULL,
@@ -68,6 +69,18 @@ CREATE TABLE IF NOT EXISTS parts (
     created_at REAL NOT NULL
 );
 """
+
+
+def prefix_upper_bound(prefix: str) -> Optional[str]:
+    """The least string above every string that starts with ``prefix`` (SQLite's BINARY collation
+    orders UTF-8 by code point), or None where there is none (a last character of U+10FFFF)."""
+    last = ord(prefix[-1])
+    if last >= 0x10FFFF:
+        return None
+    nxt = last + 1
+    if 0xD800 <= nxt <= 0xDFFF:  # surrogates cannot be stored: skip to the next encodable code point
+        nxt = 0xE000
+    return prefix[:-1] + chr(nxt)
 
 
 @dataclass(frozen=True)
@@ -137,7 +150,7 @@ class Catalog:
                         "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                         (str(SCHEMA_VERSION),),
                     )
-            self.db.execute("SELECT count(*) FROM files").fetchone()
+            self.db.execute("SELECT id FROM files LIMIT 1").fetchone()  # a damaged file fails here, in O(1)
         except sqlite3.OperationalError as e:
             self.db.close()
             if "disk" in str(e) or "full" in str(e):
@@ -341,10 +354,15 @@ class Catalog:
 
     def ids_matching(self, path_prefix: Optional[str] = None, kinds: Optional[Sequence[str]] = None) -> np.ndarray:
         """Sorted ids of the chunks whose file path starts with ``path_prefix`` and kind is in ``kinds``."""
-        sql, args = "SELECT c.id FROM chunks c JOIN files f ON f.id = c.file_id WHERE 1=1", []
+        sql, args = "SELECT c.id FROM files f JOIN chunks c ON c.file_id = f.id WHERE 1=1", []
         if path_prefix:
-            sql += " AND substr(f.path, 1, ?) = ?"
-            args += [len(path_prefix), path_prefix]
+            upper = prefix_upper_bound(path_prefix)
+            if upper is not None:  # a range on the path index: the matching files only, not a scan of all
+                sql += " AND f.path >= ? AND f.path < ?"
+                args += [path_prefix, upper]
+            else:
+                sql += " AND substr(f.path, 1, ?) = ?"
+                args += [len(path_prefix), path_prefix]
         if kinds:
             sql += f" AND f.kind IN ({','.join('?' * len(kinds))})"
             args += list(kinds)
@@ -364,4 +382,10 @@ class Catalog:
         return dict(self.db.execute("SELECT reason, count(*) FROM skipped GROUP BY reason ORDER BY 2 DESC"))
 
     def roots(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT DISTINCT root FROM files ORDER BY root")]
+        """The distinct roots, one index probe each (a DISTINCT would read every file row)."""
+        out: list[str] = []
+        while True:
+            row = self.db.execute("SELECT min(root) FROM files WHERE root > ?", (out[-1] if out else "",)).fetchone()
+            if row is None or row[0] is None:
+                return out
+            out.append(row[0])

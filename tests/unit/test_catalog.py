@@ -81,3 +81,20 @@ def test_damaged_catalog_is_named(tmp_path):
     p.write_bytes(b"not a database at all" * 100)
     with pytest.raises(CorruptFileError, match="c.sqlite"):
         Catalog(p)
+
+
+def test_path_prefix_filter_is_a_range_that_matches_exactly_the_prefix(tmp_path):
+    from shoal.cluster.catalog import prefix_upper_bound
+
+    cat = Catalog(tmp_path / "c.sqlite")
+    paths = ["/r/a", "/r/a%b", "/r/a_c", "/r/ab", "/r/b", "/r/é/x", "/r/éa", "/r/ê", "/r/\U0001F600/y", "/r0"]
+    for p in paths:
+        cat.commit_files([FileBatch(p, "/r", 10, 1, "h", "text", [Chunk(0, 0, 1, "c")])])
+    for prefix in ["/r/a", "/r/a%", "/r/a_", "/r/é", "/r/\U0001F600", "/r/", "/r", "/", "/r/z", "/r/\U0010FFFF"]:
+        want = sorted(int(cat.file_by_path(p).id) for p in paths if p.startswith(prefix))
+        got = cat.ids_matching(prefix).tolist()
+        assert sorted(cat.lookup(got)[i].path for i in got) == sorted(p for p in paths if p.startswith(prefix)), prefix
+        assert len(got) == len(want)
+    assert prefix_upper_bound("/r/a") == "/r/b" and prefix_upper_bound("\U0010FFFF") is None
+    assert prefix_upper_bound("x\ud7ff") == "x\ue000"
+    assert cat.roots() == ["/r"]
