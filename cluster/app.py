@@ -251,12 +251,14 @@ class ServeBackend:
     async def encode(self, queries: list[str]) -> np.ndarray:
         import asyncio
 
+        from shoal.workers.serving import bounded
+
         try:
             if len(queries) == 1:  # concurrent single queries share one forward pass (@serve.batch)
                 call = self.encoder.encode_one.remote(queries[0])
-                return np.asarray(await asyncio.wait_for(call, self.timeout_s), dtype=np.float32)[None, :]
+                return np.asarray(await bounded(call, self.timeout_s), dtype=np.float32)[None, :]
             call = self.encoder.encode_many.remote(queries)
-            return np.asarray(await asyncio.wait_for(call, self.timeout_s), dtype=np.float32)
+            return np.asarray(await bounded(call, self.timeout_s), dtype=np.float32)
         except Exception as e:  # noqa: BLE001 - a lost encoder replica is a 503, never a 500
             raise Unavailable(f"the query encoder did not answer: {type(e).__name__}: {str(e)[:200]}") from e
 
@@ -366,7 +368,9 @@ class Ingress:
         if bad:
             return error(503, f"shard group(s) {bad} not answering: {results[bad[0]]!s:.200}", missing_shards=bad)
         try:  # the ingress path: the catalog and the live keyword index answer
-            await asyncio.wait_for(self.core.data_health(), min(10.0, self.cfg.serve.shard_timeout_s))
+            from shoal.workers.serving import bounded
+
+            await bounded(self.core.data_health(), min(10.0, self.cfg.serve.shard_timeout_s))
         except Exception as e:  # noqa: BLE001
             return error(503, f"the catalog or keyword index cannot answer: {type(e).__name__}: {str(e)[:200]}")
         return {"status": "ok", "generation": sorted({r["generation"] for r in results})[-1]}

@@ -293,8 +293,9 @@ class Reranker:
 
 async def gather_groups(calls: Sequence[Any], timeout_s: float, retry_after_s: float = 0.05) -> list[Any]:
     """Await every group's response together, all within ``timeout_s``; an exception stands in for a
-    group that failed. ``calls`` are zero-argument functions making the call: one that fails fast (its
-    replica died) is made again while time is left, so Serve can route it to another replica."""
+    group that failed. ``calls`` are zero-argument functions making the call: one that fails because
+    its replica died is made again while time is left (Serve then routes it to another replica), each
+    retry bounded to a few seconds so a retry stuck on a dead replica does not use up the rest."""
     from ray.exceptions import RayActorError
 
     loop = asyncio.get_running_loop()
@@ -302,20 +303,36 @@ async def gather_groups(calls: Sequence[Any], timeout_s: float, retry_after_s: f
 
     async def one(make: Any) -> Any:
         err: BaseException = TimeoutError(f"no answer within {timeout_s:g} s")
+        pause, first = retry_after_s, True
         while (left := deadline - loop.time()) > 0:
             try:
-                return await asyncio.wait_for(make(), left)
-            except asyncio.TimeoutError:
-                return TimeoutError(f"no answer within {timeout_s:g} s")
+                return await bounded(make(), left if first else min(left, max(1.0, timeout_s / 4)))
+            except TimeoutError as e:
+                err = e
+                if first:
+                    return TimeoutError(f"no answer within {timeout_s:g} s")
             except Exception as e:  # noqa: BLE001 - reported per group by the caller
                 if not isinstance(e, RayActorError):
                     return e  # the replica answered with an error: asking again would not change it
                 err = e
-                await asyncio.sleep(min(retry_after_s, max(0.0, deadline - loop.time())))
-                retry_after_s = min(retry_after_s * 4, 1.0)
+            first = False
+            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+            pause = min(pause * 4, 1.0)
         return err
 
     return list(await asyncio.gather(*(one(c) for c in calls)))
+
+
+async def bounded(awaitable: Any, timeout_s: float) -> Any:
+    """``await awaitable`` for at most ``timeout_s``: unlike asyncio.wait_for, it does not wait for the
+    cancelled call to wind down (a call to a dead replica may take long to)."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=max(0.0, timeout_s))
+    if not done:
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception was never retrieved"
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    return task.result()
 
 
 def percentiles(samples: Sequence[float]) -> dict[str, float]:
