@@ -136,7 +136,7 @@ class EmbedPool:
             threads, device, batch = 1, m.device, e.gpu_batch_size
             log.info("embedding on %d GPU actor(s), one per GPU", n_gpus)
         else:
-            opts = [dict(num_cpus=e.cpus_per_actor, scheduling_strategy="SPREAD")] * e.cpu_actors  # one per node first
+            opts = [dict(num_cpus=e.cpus_per_actor, scheduling_strategy=s) for s in spread_over_nodes(e.cpu_actors)]
             threads = torch_threads_for(e.cpu_actors, e.threads_per_actor)
             device, batch = "cpu", m.batch_size
             log.info("no GPU in the Ray cluster: embedding on %d CPU actor(s), %d threads each", e.cpu_actors, threads)
@@ -219,6 +219,20 @@ class EmbedPool:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+def spread_over_nodes(n: int) -> list[Any]:
+    """Scheduling strategies for ``n`` CPU actors: one per node first, round-robin over the alive nodes
+    with CPUs (soft: an actor goes elsewhere when its node is full). Ray's SPREAD is best effort and
+    may put two on one node while another is idle."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted((nd for nd in ray.nodes() if nd.get("Alive") and nd.get("Resources", {}).get("CPU", 0) > 0),
+                   key=lambda nd: (not nd.get("Resources", {}).get("node:__internal_head__"), nd["NodeManagerAddress"]))
+    if len(nodes) < 2:
+        return ["DEFAULT"] * n
+    return [NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)]["NodeID"], soft=True) for i in range(n)]
 
 
 class Progress:
