@@ -157,23 +157,10 @@ def load(net: TwoHosts, seconds: float, conc: int = 8) -> dict:
 
 
 def wait_healthy(net: TwoHosts, within: float = 240) -> None:
-    import httpx
+    from conftest import wait_healthy as healthy  # the suite's poller, run from host a's network
 
-    def go() -> None:
-        deadline = time.time() + within
-        last = ""
-        while time.time() < deadline:
-            try:
-                r = httpx.get("http://198.18.0.1:8000/healthz", timeout=5)
-                if r.status_code == 200:
-                    return
-                last = r.text[:300]
-            except httpx.HTTPError as e:
-                last = repr(e)
-            time.sleep(1)
-        raise SystemExit(f"the app did not become healthy: {last}")
-
-    in_netns(net.a.ns, go)
+    if not in_netns(net.a.ns, lambda: healthy("http://198.18.0.1:8000", within)):
+        raise SystemExit("the app did not become healthy")
 
 
 def ingest(net: TwoHosts, corpus: Path, cfg: Path) -> dict:

@@ -113,9 +113,6 @@ class Host:
                 self.proc.kill()
             self.proc = None
 
-    def link(self, up: bool) -> None:
-        sh("ip", "-n", self.ns, "link", "set", f"{self.net.prefix}-{self.name}0", "up" if up else "down")
-
 
 class TwoHosts:
     """Host "a" (the head and data node, 198.18.0.1) and host "b" (a worker, 198.18.0.2)."""
