@@ -99,7 +99,7 @@ def build_generation(cfg: Config, cat: Catalog, *, retrain: bool = False) -> str
         else:
             manifest = _build_main(cfg, cat, tmp, live, factory, d, mode, base_dir, base)
         if cfg.index.keyword:
-            manifest["keyword"] = _build_keyword(cat, tmp, keyword_analysis(cfg))
+            manifest["keyword"] = _build_keyword(cat, tmp, keyword_analysis(cfg), live, base_dir, base, retrain)
     except RuntimeError as e:  # FAISS reports write failures (disk full, file too large) this way
         shutil.rmtree(tmp, ignore_errors=True)
         raise ShoalError(f"cannot write the new generation: {str(e).strip().splitlines()[-1]}; "
@@ -118,7 +118,7 @@ def build_generation(cfg: Config, cat: Catalog, *, retrain: bool = False) -> str
             f"was trained for (index.retrain_growth {cfg.index.retrain_growth}): run `shoal reindex`"
         )
         log.warning("%s", manifest["reindex_advised"])
-    name = generations.commit(data, tmp, manifest)
+    name = generations.commit(data, tmp, manifest, (base_dir, base) if base_dir is not None and base else None)
     generations.gc(data, cfg.index.keep_generations)
     log.info("built generation %s (%s): %s, %d vectors in %.1fs", name, mode, factory, manifest["ntotal"],
              manifest["build_seconds"])
@@ -146,14 +146,16 @@ def keyword_stale(cfg: Config, manifest: Optional[dict[str, Any]]) -> bool:
     return has and Analysis.from_manifest(manifest) != keyword_analysis(cfg)
 
 
-def _build_keyword(cat: Catalog, tmp: Path, analysis: Any) -> dict[str, Any]:
-    from shoal.index.keyword import build_keyword_index
+def _build_keyword(cat: Catalog, tmp: Path, analysis: Any, live: np.ndarray, base_dir: Optional[Path],
+                   base: Optional[dict[str, Any]], retrain: bool) -> dict[str, Any]:
+    """The keyword index: the last generation's segments plus one for the chunks added since (a delta),
+    or every live chunk analysed again (first build, changed analysis, `shoal reindex`)."""
+    from shoal.index.keyword import SEGMENT_DOCS, write_keyword
 
-    t0 = time.perf_counter()
-    ids, texts = cat.chunk_texts()
-    build_keyword_index(texts, ids, tmp, analysis)
-    return {"kind": "bm25s", "ntotal": len(ids), "analysis": analysis.as_dict(),
-            "build_seconds": round(time.perf_counter() - t0, 3)}
+    kw = (base or {}).get("keyword") if not retrain else None
+    return write_keyword(tmp, analysis, live=live, texts_for=cat.chunk_texts_for,
+                         text_blocks=lambda: cat.chunk_text_blocks(SEGMENT_DOCS),
+                         base_dir=base_dir if kw else None, base=kw)
 
 
 def _read_ids(gen_dir: Optional[Path]) -> Optional[np.ndarray]:
@@ -162,8 +164,10 @@ def _read_ids(gen_dir: Optional[Path]) -> Optional[np.ndarray]:
     return np.load(gen_dir / layout.IDS, allow_pickle=False)
 
 
-def _load_vectors(cfg: Config, cat: Catalog, ids: np.ndarray, d: int) -> np.ndarray:
-    got, xb = staging.load_live(layout.staging(cfg.data_path), cat.part_names(), ids, d)
+def _load_vectors(cfg: Config, cat: Catalog, ids: np.ndarray, d: int, some: bool = False) -> np.ndarray:
+    """The staged vectors of ``ids`` (sorted); ``some``: only the parts whose id range holds one of them."""
+    names = cat.part_names_for(ids) if some else cat.part_names()
+    got, xb = staging.load_live(layout.staging(cfg.data_path), names, ids, d)
     if len(got) != len(ids) or not np.array_equal(got, ids):
         missing = np.setdiff1d(ids, got)
         raise CorruptFileError(
@@ -225,7 +229,7 @@ def _build_delta(cfg: Config, cat: Catalog, tmp: Path, base_dir: Optional[Path],
         generations.link_or_copy(base_dir / f, tmp / f)
     delta = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     if len(added):
-        add_in_blocks(delta, _load_vectors(cfg, cat, added, d), added)
+        add_in_blocks(delta, _load_vectors(cfg, cat, added, d, some=True), added)
     faiss.write_index(delta, str(tmp / layout.DELTA))
     np.save(tmp / layout.DELETED, np.asarray(removed, dtype=np.int64))
     keep = ("factory", "nlist", "nprobe", "tuned", "shards", "main_ntotal", "trained_for")

@@ -313,6 +313,18 @@ class Catalog:
     def part_names(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT name FROM parts ORDER BY name")]
 
+    def part_names_for(self, ids: np.ndarray) -> list[str]:
+        """The parts whose id range can hold any of ``ids`` (sorted): a delta build reads only those."""
+        if not len(ids):
+            return []
+        rows = self.db.execute("SELECT name, min_id, max_id FROM parts ORDER BY name").fetchall()
+        out = []
+        for name, lo, hi in rows:
+            i = int(np.searchsorted(ids, lo))
+            if i < len(ids) and ids[i] <= hi:
+                out.append(name)
+        return out
+
     def staged_vectors(self) -> int:
         return int(self.db.execute("SELECT coalesce(sum(n), 0) FROM parts").fetchone()[0])
 
@@ -337,6 +349,28 @@ class Catalog:
         """Every live chunk: ids (n,) sorted, and their texts."""
         rows = self.db.execute("SELECT id, text FROM chunks ORDER BY id").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1] for r in rows]
+
+    def chunk_text_blocks(self, block: int = 100_000) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """Every live chunk in id order, ``block`` at a time: (ids, texts) (keyset pages, never all in RAM)."""
+        last = -1
+        while True:
+            rows = self.db.execute("SELECT id, text FROM chunks WHERE id > ? ORDER BY id LIMIT ?",
+                                   (last, block)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1] for r in rows]
+
+    def chunk_texts_for(self, ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """The texts of ``ids`` (live ones; gone ones are left out), sorted by id."""
+        got: dict[int, str] = {}
+        wanted = [int(i) for i in np.unique(ids)]
+        for i0 in range(0, len(wanted), 500):
+            part = wanted[i0:i0 + 500]
+            q = ",".join("?" * len(part))
+            got.update(self.db.execute(f"SELECT id, text FROM chunks WHERE id IN ({q})", part).fetchall())
+        keys = sorted(got)
+        return np.asarray(keys, dtype=np.int64), [got[k] for k in keys]
 
     def lookup(self, ids: Iterable[int]) -> dict[int, ChunkHit]:
         ids = [int(i) for i in ids if i >= 0]

@@ -113,7 +113,7 @@ class IndexConfig:
     delta_max_fraction: float = 0.2  # new + deleted vectors, as a fraction of the main index, kept as a delta
     retrain_growth: float = 4.0  # `shoal reindex` is advised when ntotal > this x the training sample's base
     refine_k_factor: float = 4.0  # candidates re-scored exactly per hit, for factories ending in ",RFlat"
-    keyword: bool = True  # build the BM25 keyword index (bm25s) beside the vectors, for keyword/hybrid search
+    keyword: bool = True  # build the BM25 keyword index (segments) beside the vectors, for keyword/hybrid search
     keyword_language: str = "english"  # Snowball stemmer (PyStemmer) for BM25 terms; "none": no stemming
     keyword_stopwords: str = "auto"  # "auto": the language's list ("none" for none); a language name; "none"
 

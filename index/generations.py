@@ -86,18 +86,33 @@ def begin(data_dir: Path) -> Path:
     return tmp
 
 
-def commit(data_dir: Path, tmp: Path, manifest: dict[str, Any]) -> str:
+def commit(data_dir: Path, tmp: Path, manifest: dict[str, Any],
+           base: Optional[tuple[Path, dict[str, Any]]] = None) -> str:
     """Checksum the files in ``tmp``, write the manifest, publish, switch CURRENT.
 
+    A file hard-linked from ``base`` (the last generation's folder and manifest: the same inode and size)
+    keeps the checksum that manifest lists, so a delta build does not re-read unchanged shards.
     Returns the new generation's name.
     """
     files = {}
+    base_dir, base_files = (base[0], base[1].get("files", {})) if base is not None else (None, {})
     for p in sorted(tmp.rglob("*")):
         if p.name == MANIFEST or not p.is_file():
             continue
+        rel = str(p.relative_to(tmp))
+        st = p.stat()
+        old = base_files.get(rel)
+        if old is not None and base_dir is not None and old["bytes"] == st.st_size:
+            try:
+                bst = (base_dir / rel).stat()
+            except OSError:
+                bst = None
+            if bst is not None and (bst.st_ino, bst.st_dev) == (st.st_ino, st.st_dev):
+                files[rel] = {"sha256": old["sha256"], "bytes": st.st_size}
+                continue
         with open(p, "rb") as f:
             os.fsync(f.fileno())
-        files[str(p.relative_to(tmp))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        files[rel] = {"sha256": sha256_file(p), "bytes": st.st_size}
     name = next_name(data_dir)
     manifest = dict(manifest, format=FORMAT_VERSION, generation=name, created_at=time.time(), files=files)
     mpath = tmp / MANIFEST

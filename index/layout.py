@@ -2,7 +2,7 @@
 
     DATA_DIR/catalog.sqlite, write.lock, staging/, generations/NNNNNN/, CURRENT
     a generation: manifest.json, trained.index, shard_NN.index (+ .ivfdata), ids.npy,
-                  delta.index + deleted.npy (between merges), bm25/ + bm25_ids.npy
+                  delta.index + deleted.npy (between merges), keyword/ (segments; older generations: bm25/ + bm25_ids.npy)
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def test_torn_index_file_is_named(cfg, lm):
 
 def test_truncated_keyword_file_is_named(cfg, lm):
     gen_dir, _ = generations.open_current(cfg.data_path)
-    victim = next((gen_dir / "bm25").iterdir())
+    victim = next((gen_dir / "keyword").glob("seg-*/docs.npy"))
     with open(victim, "r+b") as f:
         f.truncate(max(0, victim.stat().st_size - 7))
     with pytest.raises(CorruptFileError, match=victim.name):
