@@ -84,6 +84,16 @@ class EmbedConfig:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    # Ray tasks that read, parse and chunk changed files, in flight at once (results are taken in
+    # walk order, so chunk ids are as with one reader). -1: the cluster's CPUs minus those the
+    # embedding actors hold (at least 1); 0: the driver reads and chunks itself.
+    read_workers: int = -1
+    read_batch_files: int = 64  # files per read task, at most
+    read_batch_bytes: Bytes = Bytes(8 << 20)  # bytes per read task, at most (one big file may pass it)
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: Optional[str] = None  # None: local Ray on 127.0.0.1; "auto" or host:port joins
     num_cpus: Optional[int] = None
@@ -172,6 +182,7 @@ class Config:
     scan: ScanConfig = field(default_factory=ScanConfig)
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
@@ -194,6 +205,8 @@ def _check_values(cfg: Config) -> None:
         "embed.batch_chunks": cfg.embed.batch_chunks,
         "embed.max_in_flight": cfg.embed.max_in_flight,
         "embed.gpu_batch_size": cfg.embed.gpu_batch_size,
+        "ingest.read_batch_files": cfg.ingest.read_batch_files,
+        "ingest.read_batch_bytes": cfg.ingest.read_batch_bytes,
         "index.nprobe": cfg.index.nprobe,
         "index.train_sample_per_list": cfg.index.train_sample_per_list,
         "index.keep_generations": cfg.index.keep_generations,
@@ -203,6 +216,9 @@ def _check_values(cfg: Config) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v!r}")
+    if cfg.ingest.read_workers < -1:
+        raise ConfigError(f"ingest.read_workers: -1 (auto), 0 (the driver reads) or a count, got "
+                          f"{cfg.ingest.read_workers!r}")
     if cfg.embed.cpus_per_actor <= 0:
         raise ConfigError(f"embed.cpus_per_actor: must be > 0, got {cfg.embed.cpus_per_actor!r}")
     if not 0 <= cfg.chunk.overlap_tokens < cfg.chunk.tokens:

@@ -9,6 +9,7 @@ picks up where it stopped: committed files compare unchanged.
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import fnmatch
 import json
@@ -25,10 +26,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from shoal.cluster.catalog import Catalog, FileBatch
-from shoal.cluster.chunking import chunk_text
 from shoal.cluster.config import Config
 from shoal.index.errors import IndexMismatchError, ShoalError
-from shoal.cluster.scan import Skipped, SkipFile, read_text, walk
+from shoal.cluster.scan import Skipped, walk
 from shoal.index import generations, staging
 from shoal.index import layout
 
@@ -54,6 +54,15 @@ class IngestReport:
     seconds: float = 0.0
     generation: Optional[str] = None
     actors: list[dict[str, Any]] = field(default_factory=list)
+    # where the time went, driver's view (seconds): startup (Ray, actors, model), read_chunk (reading and
+    # chunking in the driver, or waiting for the read tasks), embed_wait (blocked on the embedding actors),
+    # commit (catalog + staged vectors), build (the generation), scan (walking, everything else)
+    stages: dict[str, float] = field(default_factory=dict)
+    read_workers: int = 0
+    read_task_seconds: float = 0.0  # reading + chunking inside the readers, all of them
+    embed_busy_seconds: float = 0.0  # embedding inside the actors, all of them
+    driver_cpu_seconds: float = 0.0
+    first_commit_s: Optional[float] = None
 
     @property
     def chunks_per_s(self) -> float:
@@ -63,7 +72,25 @@ class IngestReport:
         d = {k: v for k, v in self.__dict__.items() if k != "skipped"}
         d["skipped"] = dict(self.skipped)
         d["chunks_per_s"] = round(self.chunks_per_s, 2)
+        d["stages"] = {k: round(v, 3) for k, v in self.stages.items()}
+        for k in ("embed_seconds", "seconds", "read_task_seconds", "embed_busy_seconds", "driver_cpu_seconds"):
+            d[k] = round(d[k], 3)
         return d
+
+
+class Stages:
+    """Seconds per stage of the driver's time; ``with stages("commit"): ...``."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.d = into
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.d[name] = self.d.get(name, 0.0) + time.perf_counter() - t0
 
 
 @contextmanager
@@ -114,6 +141,7 @@ class EmbedPool:
         self.next_submit = 0
         self.next_commit = 0
         self.load = Counter()
+        self._info_refs: list[Any] = []
 
     def start(self) -> None:
         import ray
@@ -122,15 +150,9 @@ class EmbedPool:
         from shoal.workers.actors import EmbedActor
         from shoal.workers.embed import torch_threads_for
 
-        init_ray(self.cfg.ray.address, num_cpus=self.cfg.ray.num_cpus, num_gpus=self.cfg.ray.num_gpus)
+        self.ensure_ray()
         m, e = self.cfg.model, self.cfg.embed
-        n_gpus = int(ray.cluster_resources().get("GPU", 0))
-        free = int(ray.available_resources().get("GPU", 0))
-        if 0 < n_gpus and free < n_gpus:  # a running `shoal serve` holds cards: use the whole ones left
-            log.warning("%d of the cluster's %d GPU(s) are held by other work (a running `shoal serve`?): "
-                        "embedding on %s", n_gpus - free, n_gpus,
-                        f"the {free} free one(s)" if free else "the CPU")
-            n_gpus = free
+        n_gpus = self.gpus_to_use()
         if n_gpus > 0:
             opts = [dict(num_gpus=1, num_cpus=e.cpus_per_actor)] * n_gpus
             threads, device, batch = 1, m.device, e.gpu_batch_size
@@ -147,10 +169,49 @@ class EmbedPool:
                 m.name, device, m.max_seq_length, batch, threads, m.allow_download, self.run, job)
             for i, o in enumerate(opts)
         ]
-        self.info = ray.get([a.info.remote() for a in self.actors])
+        self._info_refs = [a.info.remote() for a in self.actors]  # the models load while files are read
+
+    def ensure_ray(self) -> None:
+        from shoal.cluster.ray_env import init_ray
+
+        init_ray(self.cfg.ray.address, num_cpus=self.cfg.ray.num_cpus, num_gpus=self.cfg.ray.num_gpus)
+
+    def gpus_to_use(self) -> int:
+        """The cluster's GPUs not held by other work (a running `shoal serve`): one actor each."""
+        import ray
+
+        n_gpus = int(ray.cluster_resources().get("GPU", 0))
+        free = int(ray.available_resources().get("GPU", 0))
+        if 0 < n_gpus and free < n_gpus:
+            log.warning("%d of the cluster's %d GPU(s) are held by other work (a running `shoal serve`?): "
+                        "embedding on %s", n_gpus - free, n_gpus,
+                        f"the {free} free one(s)" if free else "the CPU")
+            n_gpus = free
+        return n_gpus
+
+    def planned_cpus(self) -> float:
+        """CPUs the embedding actors will hold."""
+        n = self.gpus_to_use() or self.cfg.embed.cpu_actors
+        return n * self.cfg.embed.cpus_per_actor
+
+    def ready(self) -> None:
+        """Wait until every actor has loaded its model; check they agree."""
+        import ray
+
+        if self.info or not self.actors:
+            return
+        self.info = ray.get(self._info_refs)
         fps = {i["fingerprint"] for i in self.info}
         if len(fps) != 1:
             raise IndexMismatchError(f"embedding actors loaded different models: {sorted(fps)}")
+
+    def busy(self) -> list[dict[str, Any]]:
+        import ray
+
+        try:
+            return ray.get([a.stats.remote() for a in self.actors], timeout=30)
+        except Exception:  # a lost actor: its figures are gone
+            return [{"busy_s": 0.0, "embedded": 0} for _ in self.actors]
 
     @property
     def fingerprint(self) -> str:
@@ -208,6 +269,7 @@ class EmbedPool:
                 log.warning("embedding actor %d lost (%s): batch %d sent to another actor", i,
                             type(e).__name__, seq)
                 self._send(texts, payload, seq, avoid=i)
+        self.ready()
         out = self.done.pop(self.next_commit)
         self.next_commit += 1
         self._gauge()
@@ -314,40 +376,68 @@ def ingest(paths: Sequence[str], cfg: Config, *, build: bool = True,
 
 def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
                    out: Callable[[str], None], t0: float) -> IngestReport:
+    from shoal.workers.reader import ChunkSpec, Prepared, ReadPool, auto_workers
+
     data = cfg.data_path
+    cpu0 = time.process_time()
     stage = layout.staging(data)
     orphans = staging.remove_orphans(stage, cat.part_names())
     if orphans:
         log.info("removed %d uncommitted vector parts left by an interrupted run", len(orphans))
     run_id, prev = cat.start_run(roots)
     report = IngestReport(run_id=run_id, resumed_from=prev)
+    timed = Stages(report.stages)
     if prev is not None:
         out(f"[ingest] run {prev} did not finish; resuming (committed files are kept)")
     pool = EmbedPool(cfg, run=str(run_id))
     sizes = [count_files(r, cfg, data) for r in roots]
     progress = Progress(out, sum(n for n, _ in sizes), sum(b for _, b in sizes))
-    tokenizer = None
+    spec = ChunkSpec(cfg.model.name, cfg.model.allow_download, cfg.chunk.tokens, cfg.chunk.overlap_tokens,
+                     int(cfg.scan.max_file_bytes))
+    reader: Optional[ReadPool] = None
     pending: list[FileBatch] = []
     pending_chunks = 0
 
+    def get_reader() -> ReadPool:
+        """Started on the first file to read (Ray too, unless the driver reads)."""
+        nonlocal reader
+        if reader is None:
+            workers = 0
+            if cfg.ingest.read_workers:
+                with timed("startup"):
+                    pool.ensure_ray()
+                    workers = auto_workers(cfg.ingest.read_workers, pool.planned_cpus())
+            report.read_workers = workers
+            log.info("reading and chunking %s", f"in {workers} Ray task(s) at a time" if workers else "in the driver")
+            reader = ReadPool(spec, workers, cfg.ingest.read_batch_files, int(cfg.ingest.read_batch_bytes))
+        return reader
+
     def commit(payload: tuple[list[FileBatch], np.ndarray], xb_unique: np.ndarray, secs: float) -> None:
-        files, inverse = payload
-        xb = xb_unique[inverse]
-        if report.batches == 0 or cat.get_meta("model") is None:
-            _check_model(cat, pool, cfg)
-        cat.commit_files(files, write_part=lambda ids: staging.write_part(stage, ids, xb))
-        report.bytes_done += sum(fb.size for fb in files)
-        report.batches += 1
-        report.chunks_added += len(xb)
-        report.embed_seconds += secs
+        with timed("commit"):
+            files, inverse = payload
+            xb = xb_unique[inverse]
+            if report.batches == 0 or cat.get_meta("model") is None:
+                _check_model(cat, pool, cfg)
+            cat.commit_files(files, write_part=lambda ids: staging.write_part(stage, ids, xb))
+            report.bytes_done += sum(fb.size for fb in files)
+            report.batches += 1
+            report.chunks_added += len(xb)
+            report.embed_seconds += secs
+            if report.first_commit_s is None:
+                report.first_commit_s = round(time.perf_counter() - t0, 3)
         progress.tick(report)
+
+    def wait_commit() -> None:
+        with timed("embed_wait"):
+            got = pool.wait_one()
+        commit(*got)
 
     def flush() -> None:
         nonlocal pending, pending_chunks
         if not pending:
             return
         while pool.full():
-            commit(*pool.wait_one())
+            wait_commit()
         texts = [c.text for fb in pending for c in fb.chunks]
         if cfg.embed.dedup:  # identical chunks (boilerplate, copies, repeated lines) embed once
             uniq, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
@@ -362,6 +452,43 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
             known = cat.files_under(root)
             seen: set[str] = set()
             skips: list[Skipped] = []
+            waiting: collections.deque = collections.deque()  # (entry, committed record) in read order
+
+            def take(p: Prepared) -> None:
+                nonlocal pending_chunks
+                item, old = waiting.popleft()
+                assert item.path == p.path, (item.path, p.path)
+                if p.skip is not None:
+                    seen.discard(item.path)
+                    skips.append(Skipped(item.path, *p.skip))
+                    report.skipped[p.skip[0]] += 1
+                    report.bytes_done += item.size
+                    return
+                report.bytes_read += item.size
+                if p.same:
+                    cat.touch_file(item.path, item.size, item.mtime_ns)
+                    report.unchanged += 1
+                    report.bytes_done += item.size
+                    return
+                chunks = p.chunks or []
+                if chunks and not pool.actors:  # the models load while the rest of the first batch is read
+                    with timed("startup"):
+                        pool.start()
+                if old is None:
+                    report.new += 1
+                else:
+                    report.changed += 1
+                    report.chunks_removed += old.n_chunks
+                if not chunks:
+                    skips.append(Skipped(item.path, "empty", "no text content"))
+                    seen.discard(item.path)
+                    report.bytes_done += item.size
+                    return
+                pending.append(FileBatch(item.path, item.root, item.size, item.mtime_ns, p.digest, p.kind, chunks))
+                pending_chunks += len(chunks)
+                if pending_chunks >= cfg.embed.batch_chunks:
+                    flush()
+
             for item in walk([root], ignore=cfg.scan.ignore, max_file_bytes=cfg.scan.max_file_bytes,
                              follow_symlinks=cfg.scan.follow_symlinks, exclude_dirs=[str(data)]):
                 report.files_seen += 1
@@ -376,41 +503,22 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
                     report.unchanged += 1
                     report.bytes_done += item.size
                     continue
-                try:
-                    text, kind, digest = read_text(item.path, cfg.scan.max_file_bytes)
-                except SkipFile as e:
-                    seen.discard(item.path)
-                    skips.append(Skipped(item.path, e.reason, e.detail))
-                    report.skipped[e.reason] += 1
-                    report.bytes_done += item.size
-                    continue
-                report.bytes_read += item.size
-                if old is not None and old.sha256 == digest:
-                    cat.touch_file(item.path, item.size, item.mtime_ns)
-                    report.unchanged += 1
-                    report.bytes_done += item.size
-                    continue
-                if tokenizer is None:
-                    tokenizer = _load_tokenizer(cfg)
-                chunks = chunk_text(text, tokenizer, cfg.chunk.tokens, cfg.chunk.overlap_tokens)
-                if old is None:
-                    report.new += 1
-                else:
-                    report.changed += 1
-                    report.chunks_removed += old.n_chunks
-                if not chunks:
-                    skips.append(Skipped(item.path, "empty", "no text content"))
-                    seen.discard(item.path)
-                    report.bytes_done += item.size
-                    continue
-                pending.append(FileBatch(item.path, item.root, item.size, item.mtime_ns, digest, kind, chunks))
-                pending_chunks += len(chunks)
-                if pending_chunks >= cfg.embed.batch_chunks:
-                    flush()
+                rd = get_reader()
+                waiting.append((item, old))
+                with timed("read_chunk"):
+                    rd.submit(item.path, old.sha256 if old is not None else None, item.size)
+                    done = list(rd.results())
+                for p in done:
+                    take(p)
                 progress.tick(report)
+            if reader is not None:
+                with timed("read_chunk"):
+                    done = list(reader.results(block=True))
+                for p in done:
+                    take(p)
             flush()
             while pool.pending():
-                commit(*pool.wait_one())
+                wait_commit()
             # never delete what sits under a folder we could not read this time
             blind = [s.path.rstrip("/") + "/" for s in skips if s.reason == "unreadable-dir"]
             gone = [p for p in known if p not in seen and not p.startswith(tuple(blind))]
@@ -419,7 +527,14 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
             report.chunks_removed += cat.delete_files(gone)
             cat.clear_skipped(root)
             cat.record_skipped(skips, root, run_id)
-        report.actors = [dict(a, batches=pool.batches[i], lost=i in pool.lost) for i, a in enumerate(pool.info)]
+        if pool.actors:
+            pool.ready()
+            busy = pool.busy()
+            report.embed_busy_seconds = sum(b["busy_s"] for b in busy)
+            report.actors = [dict(a, batches=pool.batches[i], lost=i in pool.lost, busy_s=busy[i]["busy_s"])
+                             for i, a in enumerate(pool.info)]
+        if reader is not None:
+            report.read_task_seconds = reader.task_seconds
         changed = report.chunks_added or report.chunks_removed or report.deleted
         live = generations.current_name(data)
         if build and live is not None and not changed:
@@ -430,12 +545,15 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
         if needs_build and cat.get_meta("model") is not None:
             from shoal.cluster.build import build_generation
 
-            report.generation = build_generation(cfg, cat)
+            with timed("build"):
+                report.generation = build_generation(cfg, cat)
         else:
             report.generation = generations.current_name(data)
         status = "done"
     finally:
         report.seconds = time.perf_counter() - t0
+        report.stages["scan"] = max(0.0, report.seconds - sum(v for k, v in report.stages.items() if k != "scan"))
+        report.driver_cpu_seconds = time.process_time() - cpu0
         if pool.actors:
             pool.shutdown()
         cat.finish_run(run_id, status, report.as_dict())
@@ -487,14 +605,3 @@ def push_metrics(r: IngestReport, pushed: Optional[dict[str, Any]]) -> Optional[
         if n > p["skipped"][reason]:
             m.files_skipped.inc(n - p["skipped"][reason], tags={"reason": reason})
     return {"files": r.files_seen, "bytes": r.bytes_read, "skipped": Counter(r.skipped)}
-
-
-def _load_tokenizer(cfg: Config) -> Any:
-    import transformers
-    from transformers import AutoTokenizer
-
-    from shoal.workers.embed import resolve_model_path
-
-    transformers.utils.logging.set_verbosity_error()
-    path = resolve_model_path(cfg.model.name)
-    return AutoTokenizer.from_pretrained(path, local_files_only=Path(path).is_dir() or not cfg.model.allow_download)

@@ -421,8 +421,13 @@ class KeywordIndex:
                 if not rows_l:
                     continue
                 rows = np.concatenate(rows_l)
-                cand, inv = np.unique(rows, return_inverse=True)
-                sc = np.bincount(inv, weights=np.concatenate(w_l))
+                if len(rows) * 8 < seg.n:  # few postings: sort them
+                    cand, inv = np.unique(rows, return_inverse=True)
+                    sc = np.bincount(inv, weights=np.concatenate(w_l))
+                else:  # many: one dense pass over the segment's docs
+                    dense = np.bincount(rows, weights=np.concatenate(w_l), minlength=seg.n)
+                    cand = np.flatnonzero(dense)
+                    sc = dense[cand]
                 if live is not None:
                     keep = live[cand]
                     cand, sc = cand[keep], sc[keep]

@@ -51,6 +51,7 @@ class EmbedActor:
             self.card = "cpu"
             self.tag = f"cpu-{os.getpid()}"
         self.run, self.job = run, job
+        self.busy_s, self.embedded = 0.0, 0  # seconds spent embedding, chunks embedded
         if self.gpu_ids and self.lm.device == "cpu":
             log.warning("Ray assigned GPU %s (CUDA_VISIBLE_DEVICES=%s) but no card answers; embedding on the CPU",
                         self.gpu_ids, self.cuda_visible)
@@ -85,8 +86,14 @@ class EmbedActor:
         t0 = time.perf_counter()
         xb = encode(texts, self.lm, self.batch_size)
         dt = time.perf_counter() - t0
+        self.busy_s += dt
+        self.embedded += len(texts)
         m, tags = ingest_metrics(), {"actor": self.tag, "card": self.card, "job": self.job, "run": self.run}
         m.chunks_embedded.inc(len(texts), tags=tags)
         m.batch_latency_s.observe(dt, tags=tags)
         m.actor_chunks_per_s.set(len(texts) / dt if dt > 0 else 0.0, tags=tags)
         return xb
+
+    def stats(self) -> dict[str, Any]:
+        """Seconds spent embedding and chunks embedded since the actor started."""
+        return {"busy_s": round(self.busy_s, 3), "embedded": self.embedded}

@@ -24,6 +24,18 @@ BUNDLED_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = {BUNDLED_MODEL.lower(), "sentence-transformers/all-minilm-l6-v2"}
 
 
+NULL_PREFIX = "null:"  # "null:384": an instant embedder of random unit vectors, to benchmark the pipeline alone
+
+
+def is_null_model(name: str) -> bool:
+    return name.lower().startswith(NULL_PREFIX)
+
+
+def chunking_model_path(name: str) -> str:
+    """Where the tokenizer that sizes chunks comes from (the null embedder chunks as the default model does)."""
+    return resolve_model_path(BUNDLED_MODEL if is_null_model(name) else name)
+
+
 def resolve_model_path(name: str) -> str:
     """Map a configured model name to a local directory or a hub name.
 
@@ -103,6 +115,13 @@ def load_model(
     transformers.utils.logging.set_verbosity_error()
     if threads > 0:
         torch.set_num_threads(threads)
+    if is_null_model(name):
+        try:
+            dim = int(name[len(NULL_PREFIX):])
+        except ValueError as e:
+            raise ShoalError(f"model {name!r}: the null embedder is named null:DIM, e.g. null:384") from e
+        tok = AutoTokenizer.from_pretrained(chunking_model_path(name), local_files_only=True)
+        return LoadedModel(name, "null", tok, None, "cpu", max_seq_length, dim, f"{NULL_PREFIX}{dim}")
     path = resolve_model_path(name)
     local = Path(path).is_dir() or not allow_download
     try:
@@ -142,6 +161,10 @@ def encode(texts: Sequence[str], lm: LoadedModel, batch_size: int = 64) -> np.nd
     n = len(texts)
     out = np.empty((n, lm.dim), dtype=np.float32)
     if n == 0:
+        return out
+    if lm.model is None:  # the null embedder: random unit vectors, no work
+        out[:] = np.random.default_rng().standard_normal((n, lm.dim), dtype=np.float32)
+        out /= np.linalg.norm(out, axis=1, keepdims=True)
         return out
     order = np.argsort([-len(t) for t in texts], kind="stable")
     with torch.inference_mode():

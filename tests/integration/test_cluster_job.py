@@ -126,9 +126,15 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(corpus):
-    """The uninterrupted run every resumed run must equal."""
+    """The uninterrupted run every resumed run must equal; the driver reads every file itself
+    (ingest.read_workers 0), the runs compared with it read in Ray tasks (configs/test.yaml)."""
+    import yaml
+
     data = corpus / "ref"
-    p = shoal("ingest", str(corpus / "docs"), "--config", "configs/test.yaml", "--data-dir", str(data))
+    cfg = yaml.safe_load((ROOT / "configs" / "test.yaml").read_text())
+    cfg["ingest"] = {"read_workers": 0}
+    (corpus / "driver_reads.yaml").write_text(yaml.safe_dump(cfg))
+    p = shoal("ingest", str(corpus / "docs"), "--config", str(corpus / "driver_reads.yaml"), "--data-dir", str(data))
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
     return chunk_map(data)

@@ -1,0 +1,164 @@
+"""Read, parse and chunk changed files: in the driver, or as Ray tasks over the cluster's cores.
+
+``prepare_files`` is the whole per-file step (read, sha256, parse PDF/HTML/text,
+token-aware chunking). :class:`ReadPool` sends files to it in tasks of up to
+``ingest.read_batch_files`` files / ``read_batch_bytes`` bytes, keeps at most
+``read_workers`` x 2 tasks in flight, and hands results back strictly in the
+order the files were submitted, so the commit order, chunk ids and resume are
+exactly those of a single reader.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from shoal.cluster.chunking import Chunk, chunk_text
+from shoal.cluster.scan import SkipFile, read_text
+
+_TOKENIZERS: dict[tuple[str, bool], Any] = {}  # one per worker process, loaded on its first task
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    model: str
+    allow_download: bool
+    tokens: int
+    overlap: int
+    max_file_bytes: int
+
+
+@dataclass
+class Prepared:
+    """What reading one file gave: skipped (reason), the same bytes as committed (``same``), or chunks."""
+
+    path: str
+    digest: str = ""
+    kind: str = ""
+    chunks: Optional[list[Chunk]] = None
+    skip: Optional[tuple[str, str]] = None  # (reason, detail)
+    same: bool = False
+    seconds: float = 0.0
+
+
+def tokenizer_for(model: str, allow_download: bool) -> Any:
+    key = (model, allow_download)
+    tok = _TOKENIZERS.get(key)
+    if tok is None:
+        import transformers
+        from transformers import AutoTokenizer
+
+        from shoal.workers.embed import chunking_model_path
+
+        transformers.utils.logging.set_verbosity_error()
+        path = chunking_model_path(model)
+        tok = _TOKENIZERS[key] = AutoTokenizer.from_pretrained(
+            path, local_files_only=Path(path).is_dir() or not allow_download)
+    return tok
+
+
+def prepare_files(files: Sequence[tuple[str, Optional[str]]], spec: ChunkSpec) -> list[Prepared]:
+    """(path, sha256 already committed or None) each -> Prepared, in order. Never raises for one bad file."""
+    out = []
+    for path, old_sha in files:
+        t0 = time.perf_counter()
+        try:
+            text, kind, digest = read_text(path, spec.max_file_bytes)
+        except SkipFile as e:
+            out.append(Prepared(path, skip=(e.reason, e.detail), seconds=time.perf_counter() - t0))
+            continue
+        if old_sha is not None and old_sha == digest:
+            out.append(Prepared(path, digest, kind, same=True, seconds=time.perf_counter() - t0))
+            continue
+        chunks = chunk_text(text, tokenizer_for(spec.model, spec.allow_download), spec.tokens, spec.overlap)
+        out.append(Prepared(path, digest, kind, chunks, seconds=time.perf_counter() - t0))
+    return out
+
+
+def _remote_prepare(files: Sequence[tuple[str, Optional[str]]], spec: ChunkSpec) -> list[Prepared]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return prepare_files(files, spec)
+
+
+class ReadPool:
+    """Files in, Prepared out in submission order; ``workers`` == 0 reads in the calling process."""
+
+    def __init__(self, spec: ChunkSpec, workers: int, batch_files: int = 64, batch_bytes: int = 8 << 20,
+                 num_cpus: float = 1.0) -> None:
+        self.spec, self.workers = spec, workers
+        self.batch_files, self.batch_bytes = batch_files, batch_bytes
+        self.num_cpus = num_cpus
+        self.batch: list[tuple[str, Optional[str]]] = []
+        self.batch_size = 0
+        self.inflight: collections.deque = collections.deque()  # refs (or local results) in submission order
+        self.ready: collections.deque = collections.deque()
+        self.wait_seconds = 0.0  # the caller blocked on a result
+        self.task_seconds = 0.0  # read + chunk time inside the readers (all of them)
+        self.tasks = 0
+        self._remote: Any = None
+
+    def submit(self, path: str, old_sha: Optional[str], size: int) -> None:
+        self.batch.append((path, old_sha))
+        self.batch_size += size
+        if len(self.batch) >= self.batch_files or self.batch_size >= self.batch_bytes:
+            self._send()
+
+    def _send(self) -> None:
+        if not self.batch:
+            return
+        files, self.batch, self.batch_size = self.batch, [], 0
+        self.tasks += 1
+        if self.workers == 0:
+            res = prepare_files(files, self.spec)
+            self.task_seconds += sum(p.seconds for p in res)
+            self.ready.extend(res)
+            return
+        if self._remote is None:
+            import ray
+
+            self._remote = ray.remote(num_cpus=self.num_cpus, max_retries=2)(_remote_prepare)
+        while len(self.inflight) >= 2 * self.workers:  # bounded: wait for the oldest
+            self._take_oldest()
+        self.inflight.append(self._remote.remote(files, self.spec))
+
+    def _take_oldest(self) -> None:
+        import ray
+
+        t0 = time.perf_counter()
+        res = ray.get(self.inflight.popleft())
+        self.wait_seconds += time.perf_counter() - t0
+        self.task_seconds += sum(p.seconds for p in res)
+        self.ready.extend(res)
+
+    def results(self, block: bool = False) -> Iterator[Prepared]:
+        """Results in submission order: those already done (``block``: every submitted file)."""
+        if block:
+            self._send()
+        while True:
+            while self.ready:
+                yield self.ready.popleft()
+            if not self.inflight:
+                return
+            if not block:
+                import ray
+
+                done, _ = ray.wait([self.inflight[0]], num_returns=1, timeout=0)
+                if not done:
+                    return
+            self._take_oldest()
+
+
+def auto_workers(requested: int, embed_cpus: float) -> int:
+    """``ingest.read_workers`` -> a count: -1 is the cluster's CPUs minus the embedding actors' (at least 1)."""
+    if requested >= 0:
+        return requested
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    return max(1, int(cpus - embed_cpus))
+
+
