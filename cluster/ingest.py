@@ -399,13 +399,13 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
     pending_chunks = 0
 
     def get_reader() -> ReadPool:
-        """Started on the first file to read (Ray too, unless the driver reads)."""
+        """Started on the first file to read, with the embedding actors: their models load while files are read."""
         nonlocal reader
         if reader is None:
             workers = 0
-            if cfg.ingest.read_workers:
-                with timed("startup"):
-                    pool.ensure_ray()
+            with timed("startup"):
+                pool.start()
+                if cfg.ingest.read_workers:
                     workers = auto_workers(cfg.ingest.read_workers, pool.planned_cpus())
             report.read_workers = workers
             log.info("reading and chunking %s", f"in {workers} Ray task(s) at a time" if workers else "in the driver")
@@ -471,9 +471,6 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
                     report.bytes_done += item.size
                     return
                 chunks = p.chunks or []
-                if chunks and not pool.actors:  # the models load while the rest of the first batch is read
-                    with timed("startup"):
-                        pool.start()
                 if old is None:
                     report.new += 1
                 else:

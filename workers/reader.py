@@ -21,6 +21,7 @@ from shoal.cluster.chunking import Chunk, chunk_text
 from shoal.cluster.scan import SkipFile, read_text
 
 _TOKENIZERS: dict[tuple[str, bool], Any] = {}  # one per worker process, loaded on its first task
+READER_NICENESS = 10  # a Ray worker that reads for shoal stays this much nicer (it serves this job only)
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,18 @@ def prepare_files(files: Sequence[tuple[str, Optional[str]]], spec: ChunkSpec) -
     return out
 
 
+_NICED = False
+
+
 def _remote_prepare(files: Sequence[tuple[str, Optional[str]]], spec: ChunkSpec) -> list[Prepared]:
+    global _NICED
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not _NICED:  # readers run ahead of the embedders (bounded): give way to an actor's torch threads
+        _NICED = True
+        try:
+            os.nice(READER_NICENESS)
+        except OSError:
+            pass
     return prepare_files(files, spec)
 
 
