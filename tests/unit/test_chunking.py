@@ -45,3 +45,16 @@ def test_chunk_token_budget(lm):
 
 def test_blank_text_gives_no_chunks(lm):
     assert chunk_text("  \n\t ", lm.tokenizer) == []
+
+
+def test_reader_tokenizer_chunks_exactly_as_transformers(lm):
+    """Readers load tokenizer.json with `tokenizers` alone; chunks (hence ids) must not change."""
+    from conftest import cranfield_docs
+    from shoal.workers.reader import tokenizer_for
+
+    fast = tokenizer_for("all-MiniLM-L6-v2", False)
+    assert type(fast).__module__.startswith("tokenizers")
+    texts = [d["title"] + "\n\n" + d["text"] for d in cranfield_docs(60)]
+    texts += ["Ünïcödé — “quotes”, emoji 🚀 and CJK 漢字 mixed\twith tabs\n\nand   spaces " * 30, "x" * 5000]
+    for t in texts:
+        assert chunk_text(t, fast, 64, 8) == chunk_text(t, lm.tokenizer, 64, 8)
