@@ -30,9 +30,9 @@ from shoal.cluster.catalog import Catalog
 from shoal.cluster.config import Config
 from shoal.index.errors import ConfigError, CorruptFileError, ShoalError
 from shoal.index import generations, staging
-from shoal.index.factory import add_in_blocks, choose_factory, parse_nlist, train_sample, train_index
+from shoal.index.factory import add_in_blocks, choose_factory, parse_nlist, train_index, train_positions
 from shoal.index.gpu import detect_gpus
-from shoal.index.ondisk import write_ondisk_shard
+from shoal.index.ondisk import write_ondisk_shard_blocks
 from shoal.index.shards import plan_shards
 from shoal.index import layout
 
@@ -181,9 +181,41 @@ def _cpu_budget(cfg: Config) -> int:
     return int(cfg.index.cpu_memory) or psutil.virtual_memory().total // 2
 
 
+class _Stream:
+    """The live vectors, streamed from staging in id order, and a check that every id arrived."""
+
+    def __init__(self, cfg: Config, cat: Catalog, d: int) -> None:
+        self.dir, self.parts, self.d = layout.staging(cfg.data_path), cat.parts(), d
+        self.block = int(cfg.index.ondisk_block)
+
+    def blocks(self, ids: np.ndarray):
+        n = 0
+        for got, xb in staging.iter_sorted(self.dir, self.parts, ids, self.block):
+            if not np.array_equal(got, ids[n:n + len(got)]):
+                break
+            n += len(got)
+            yield got, xb
+        if n != len(ids):
+            missing = np.setdiff1d(ids, staging.gather(self.dir, self.parts, ids, self.d)[0])
+            raise CorruptFileError(
+                f"{len(missing)} catalog chunks have no staged vector (first ids {missing[:5].tolist()}); "
+                "re-run `shoal ingest` on their files"
+            )
+
+    def sample(self, ids: np.ndarray, factory: str, per_list: int) -> np.ndarray:
+        pos = train_positions(len(ids), factory, per_list)
+        got, xb = staging.gather(self.dir, self.parts, ids[pos], self.d)
+        if len(got) != len(pos):
+            list(self.blocks(ids))  # names the missing ids
+        return xb
+
+
 def _build_main(cfg: Config, cat: Catalog, tmp: Path, ids: np.ndarray, factory: str, d: int, mode: Mode,
                 base_dir: Optional[Path], base: Optional[dict[str, Any]]) -> dict[str, Any]:
-    xb = _load_vectors(cfg, cat, ids, d)
+    """Train (or reuse the trained quantizer), then add the live vectors shard by shard, streamed from
+    staging in blocks of ``index.ondisk_block``: a build holds one block (plus the training sample and
+    what the index itself keeps in RAM), never every vector."""
+    src = _Stream(cfg, cat, d)
     ondisk = cfg.index.ondisk and factory.startswith("IVF")
     if ondisk and "RFlat" in factory:
         raise ConfigError("index.ondisk: a refine stage (,RFlat) keeps every vector in RAM; drop one of the two")
@@ -191,24 +223,26 @@ def _build_main(cfg: Config, cat: Catalog, tmp: Path, ids: np.ndarray, factory: 
         trained = faiss.read_index(str(base_dir / layout.TRAINED))
         trained_for = int(base["trained_for"])
     else:
-        trained = train_index(factory, train_sample(xb, factory, cfg.index.train_sample_per_list))
-        trained_for = len(xb)
+        trained = train_index(factory, src.sample(ids, factory, cfg.index.train_sample_per_list))
+        trained_for = len(ids)
     faiss.write_index(trained, str(tmp / layout.TRAINED))
     plan = plan_shards(len(ids), d, factory, detect_gpus(cfg.index.gpus), cpu_memory_bytes=_cpu_budget(cfg),
                        ondisk=ondisk, gpu_reserve_fraction=cfg.index.gpu_reserve_fraction)
     shards = []
     for spec in plan:
         stem = f"shard_{spec.shard:02d}"
-        xs, ids_s = xb[spec.i0:spec.i1], ids[spec.i0:spec.i1]
+        blocks = src.blocks(ids[spec.i0:spec.i1])
         if ondisk:
-            write_ondisk_shard(trained, xs, ids_s, tmp, stem, cfg.index.ondisk_block)
+            write_ondisk_shard_blocks(trained, blocks, tmp, stem)
         else:
             idx = faiss.clone_index(trained)
-            add_in_blocks(idx, xs, ids_s)
+            for ids_b, xb_b in blocks:
+                add_in_blocks(idx, xb_b, ids_b)
             faiss.write_index(idx, str(tmp / f"{stem}.index"))
+            del idx
         shards.append(dict(spec.as_dict(), file=f"{stem}.index", ntotal=int(spec.i1 - spec.i0), ondisk=ondisk))
     np.save(tmp / layout.IDS, ids)
-    compact_parts(cat, layout.staging(cfg.data_path), ids, xb)
+    compact_parts(cat, layout.staging(cfg.data_path), ids, src, cfg.index.staging_dtype)
     return {"factory": factory, "nlist": parse_nlist(factory), "nprobe": _nprobe(cfg, base, factory),
             "shards": shards, "main_ntotal": int(len(ids)), "trained_for": trained_for}
 
@@ -238,17 +272,37 @@ def _build_delta(cfg: Config, cat: Catalog, tmp: Path, base_dir: Optional[Path],
     return m
 
 
-def compact_parts(cat: Catalog, staging_dir: Path, ids: np.ndarray, xb: np.ndarray, min_dead: float = 0.3,
-                  max_parts: int = 256) -> None:
-    """Rewrite the staged parts as one when deleted chunks are over ``min_dead`` of them (or too many parts)."""
+def compact_parts(cat: Catalog, staging_dir: Path, ids: np.ndarray, src: "_Stream", dtype: str = "float32",
+                  min_dead: float = 0.3, max_parts: int = 256, part_rows: int = 262_144) -> None:
+    """Rewrite the staged parts without deleted chunks when those are over ``min_dead`` of them (or there
+    are too many parts): streamed, into parts of at most ``part_rows`` vectors."""
     names = cat.part_names()
     if len(names) <= 1:
         return
     total = cat.staged_vectors()
     if total - len(ids) <= min_dead * total and len(names) < max_parts:
         return
-    new = staging.write_part(staging_dir, ids, xb) if len(ids) else None
-    cat.replace_parts(names, (new, ids) if new else None)
+    new = []
+    buf_i: list[np.ndarray] = []
+    buf_x: list[np.ndarray] = []
+    held = 0
+    try:
+        for got, xb in src.blocks(ids):
+            buf_i.append(got)
+            buf_x.append(xb)
+            held += len(got)
+            while held >= part_rows:
+                i, x = np.concatenate(buf_i), np.concatenate(buf_x)
+                new.append((staging.write_part(staging_dir, i[:part_rows], x[:part_rows], dtype), i[:part_rows]))
+                buf_i, buf_x, held = [i[part_rows:]], [x[part_rows:]], len(i) - part_rows
+        if held:
+            i, x = np.concatenate(buf_i), np.concatenate(buf_x)
+            new.append((staging.write_part(staging_dir, i, x, dtype), i))
+        cat.replace_parts(names, new)
+    except BaseException:
+        for n, _ in new:
+            (staging_dir / n).unlink(missing_ok=True)
+        raise
     for n in names:
         (staging_dir / n).unlink(missing_ok=True)
-    log.info("compacted %d staged parts (%d vectors, %d live) into one", len(names), total, len(ids))
+    log.info("compacted %d staged parts (%d vectors, %d live) into %d", len(names), total, len(ids), len(new))

@@ -313,6 +313,11 @@ class Catalog:
     def part_names(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT name FROM parts ORDER BY name")]
 
+    def parts(self) -> list[tuple[str, int, int]]:
+        """(name, min_id, max_id) of every registered part, by min_id."""
+        return [(r[0], int(r[1]), int(r[2])) for r in
+                self.db.execute("SELECT name, min_id, max_id FROM parts ORDER BY min_id, name")]
+
     def part_names_for(self, ids: np.ndarray) -> list[str]:
         """The parts whose id range can hold any of ``ids`` (sorted): a delta build reads only those."""
         if not len(ids):
@@ -328,17 +333,17 @@ class Catalog:
     def staged_vectors(self) -> int:
         return int(self.db.execute("SELECT coalesce(sum(n), 0) FROM parts").fetchone()[0])
 
-    def replace_parts(self, old: Sequence[str], new: Optional[tuple[str, np.ndarray]]) -> None:
-        """Swap compacted parts in one transaction."""
+    def replace_parts(self, old: Sequence[str], new: Sequence[tuple[str, np.ndarray]]) -> None:
+        """Swap compacted parts (old names -> new (name, ids) parts) in one transaction."""
         with self.transaction() as db:
             for name in old:
                 db.execute("DELETE FROM parts WHERE name=?", (name,))
-            if new is not None and len(new[1]):
-                ids = new[1]
-                db.execute(
-                    "INSERT INTO parts(name, n, min_id, max_id, created_at) VALUES (?, ?, ?, ?, ?)",
-                    (new[0], len(ids), int(ids.min()), int(ids.max()), time.time()),
-                )
+            for name, ids in new:
+                if len(ids):
+                    db.execute(
+                        "INSERT INTO parts(name, n, min_id, max_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                        (name, len(ids), int(ids.min()), int(ids.max()), time.time()),
+                    )
 
     # -- chunks -------------------------------------------------------------
     def chunk_ids(self) -> np.ndarray:

@@ -114,6 +114,8 @@ class IndexConfig:
     flat_threshold: int = 20_000  # exact search below this many vectors
     nprobe: int = 16
     train_sample_per_list: int = 64
+    # how committed vectors are kept in staging/: float32, or float16 (half the disk; read back as float32)
+    staging_dtype: Literal["float32", "float16"] = "float32"
     keep_generations: int = 3
     ondisk: bool = False  # IVF inverted lists in .ivfdata files on the data dir (OnDiskInvertedLists)
     ondisk_block: int = 200_000  # vectors per block index merged into the on-disk lists

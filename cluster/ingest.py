@@ -418,7 +418,7 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
             xb = xb_unique[inverse]
             if report.batches == 0 or cat.get_meta("model") is None:
                 _check_model(cat, pool, cfg)
-            cat.commit_files(files, write_part=lambda ids: staging.write_part(stage, ids, xb))
+            cat.commit_files(files, write_part=lambda ids: staging.write_part(stage, ids, xb, cfg.index.staging_dtype))
             report.bytes_done += sum(fb.size for fb in files)
             report.batches += 1
             report.chunks_added += len(xb)

@@ -58,20 +58,26 @@ def make_index(factory: str, d: int) -> faiss.Index:
     return index
 
 
-def train_sample(xb: np.ndarray, factory: str, per_list: int = 64, seed: int = 1234) -> np.ndarray:
-    """A random sample of ``xb`` big enough to train ``factory``: (ns, d)."""
+def train_positions(n: int, factory: str, per_list: int = 64, seed: int = 1234) -> np.ndarray:
+    """Sorted positions (of n vectors) of a random sample big enough to train ``factory``."""
     nlist = parse_nlist(factory)
     pq = re.search(r"PQ(\d+)", factory)
     need = max(nlist * per_list, 256 * 39 if pq else 0)
-    if len(xb) <= need:
-        if nlist and len(xb) < nlist * MIN_POINTS_PER_LIST:
+    if n <= need:
+        if nlist and n < nlist * MIN_POINTS_PER_LIST:
             log.warning(
                 "training %s on %d vectors: fewer than %d per list; recall may suffer "
-                "(fewer lists or more data would help)", factory, len(xb), MIN_POINTS_PER_LIST,
+                "(fewer lists or more data would help)", factory, n, MIN_POINTS_PER_LIST,
             )
-        return xb
+        return np.arange(n)
     rs = np.random.default_rng(seed)
-    return xb[np.sort(rs.choice(len(xb), need, replace=False))]
+    return np.sort(rs.choice(n, need, replace=False))
+
+
+def train_sample(xb: np.ndarray, factory: str, per_list: int = 64, seed: int = 1234) -> np.ndarray:
+    """A random sample of ``xb`` big enough to train ``factory``: (ns, d)."""
+    pos = train_positions(len(xb), factory, per_list, seed)
+    return xb if len(pos) == len(xb) else xb[pos]
 
 
 def train_index(factory: str, xt: np.ndarray) -> faiss.Index:

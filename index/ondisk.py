@@ -10,6 +10,7 @@ merged on-disk index segfaults at search in faiss 1.15.1: never use it here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import faiss
 import numpy as np
@@ -23,21 +24,28 @@ READ_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
 def write_ondisk_shard(trained: faiss.Index, xb: np.ndarray, ids: np.ndarray, out_dir: Path,
                        stem: str, block: int = 200_000) -> list[str]:
     """Write ``stem``.index + ``stem``.ivfdata holding (xb, ids); returns the file names."""
-    blocks = []
+    return write_ondisk_shard_blocks(trained, ((ids[i0:i0 + block], xb[i0:i0 + block])
+                                               for i0 in range(0, len(xb), block)), out_dir, stem)
+
+
+def write_ondisk_shard_blocks(trained: faiss.Index, blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+                              out_dir: Path, stem: str) -> list[str]:
+    """The same from (ids, xb) blocks as they stream in: one block's index in RAM at a time."""
+    written: list[str] = []
     try:
-        for b, i0 in enumerate(range(0, len(xb), block)):
+        for b, (ids_b, xb_b) in enumerate(blocks):
             idx = faiss.clone_index(trained)
-            add_in_blocks(idx, xb[i0:i0 + block], ids[i0:i0 + block])
+            add_in_blocks(idx, xb_b, ids_b)
             fn = out_dir / f"{stem}.block{b:04d}.tmp"
             faiss.write_index(idx, str(fn))
-            blocks.append(str(fn))
+            written.append(str(fn))
             del idx
         merged = faiss.clone_index(trained)
-        merge_ondisk(merged, blocks, str(out_dir / f"{stem}.ivfdata"))
+        merge_ondisk(merged, written, str(out_dir / f"{stem}.ivfdata"))
         faiss.write_index(merged, str(out_dir / f"{stem}.index"))
         del merged  # unmaps the .ivfdata
     finally:
-        for fn in blocks:
+        for fn in written:
             Path(fn).unlink(missing_ok=True)
     return [f"{stem}.index", f"{stem}.ivfdata"]
 

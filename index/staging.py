@@ -1,7 +1,7 @@
 """Staged vector parts: (ids, xb) written per committed batch, read back at build time.
 
 A part is a ``.npz`` of two arrays, ``ids`` (n,) int64 and ``xb`` (n, d)
-float32, written to a temp name and renamed into place; it only counts once
+float32 (or float16: ``index.staging_dtype``; read back as float32), written to a temp name and renamed into place; it only counts once
 the catalog has registered it in the same transaction as its chunk rows.
 Parts are read with ``allow_pickle=False``: nothing executable is loaded.
 """
@@ -11,22 +11,22 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from shoal.index.errors import CorruptFileError
 
 
-def write_part(staging: Path, ids: np.ndarray, xb: np.ndarray) -> str:
-    """Write one part durably; returns its file name."""
+def write_part(staging: Path, ids: np.ndarray, xb: np.ndarray, dtype: str = "float32") -> str:
+    """Write one part durably (vectors stored as ``dtype``: float32 or float16); returns its file name."""
     if len(ids) != len(xb):
         raise ValueError(f"ids and xb disagree: {len(ids)} ids, {len(xb)} vectors")
     staging.mkdir(parents=True, exist_ok=True)
     name = f"part-{int(ids.min()):012d}-{uuid.uuid4().hex[:8]}.npz"
     tmp = staging / (name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, ids=ids.astype(np.int64), xb=np.ascontiguousarray(xb, dtype=np.float32))
+        np.savez(f, ids=ids.astype(np.int64), xb=np.ascontiguousarray(xb, dtype=np.dtype(dtype)))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, staging / name)
@@ -63,9 +63,69 @@ def load_live(staging: Path, names: Iterable[str], live: np.ndarray, d: int) -> 
     if not pairs:
         return np.empty(0, np.int64), np.empty((0, d), np.float32)
     ids = np.concatenate([p[0] for p in pairs])
-    xb = np.concatenate([p[1] for p in pairs])
+    xb = np.concatenate([p[1] for p in pairs]).astype(np.float32, copy=False)
     order = np.argsort(ids, kind="stable")
     return ids[order], xb[order]
+
+
+def iter_sorted(staging: Path, parts: Sequence[tuple[str, int, int]], live: np.ndarray,
+                block: int = 200_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The ``live`` ids' vectors (float32) in ascending id order, ``block`` rows at a time, never all in RAM.
+
+    ``parts``: (name, min_id, max_id) of every registered part. Only parts whose id range meets
+    [live[0], live[-1]] are read; parts whose ranges overlap are read together and sorted (a part is at
+    most one commit batch or one compaction block, so memory stays about one part plus one block).
+    """
+    if not len(live):
+        return
+    lo, hi = int(live[0]), int(live[-1])
+    todo = sorted((p for p in parts if p[2] >= lo and p[1] <= hi), key=lambda p: (p[1], p[2]))
+    buf_ids: list[np.ndarray] = []
+    buf_xb: list[np.ndarray] = []
+    held = 0
+    i = 0
+    while i < len(todo):
+        run, run_hi = [todo[i]], todo[i][2]
+        i += 1
+        while i < len(todo) and todo[i][1] <= run_hi:  # overlapping ranges: one sorted run
+            run.append(todo[i])
+            run_hi = max(run_hi, todo[i][2])
+            i += 1
+        ids_l, xb_l = [], []
+        for name, _, _ in run:
+            ids, xb = read_part(staging, name)
+            keep = np.isin(ids, live, assume_unique=True)
+            if keep.any():
+                ids_l.append(ids[keep])
+                xb_l.append(xb[keep])
+        if not ids_l:
+            continue
+        ids = np.concatenate(ids_l)
+        xb = np.concatenate(xb_l)
+        if len(run) > 1 or np.any(np.diff(ids) < 0):
+            order = np.argsort(ids, kind="stable")
+            ids, xb = ids[order], xb[order]
+        buf_ids.append(ids)
+        buf_xb.append(xb)
+        held += len(ids)
+        while held >= block:
+            ids, xb = np.concatenate(buf_ids), np.concatenate(buf_xb)
+            yield ids[:block], np.ascontiguousarray(xb[:block], dtype=np.float32)
+            buf_ids, buf_xb, held = [ids[block:]], [xb[block:]], len(ids) - block
+    if held:
+        yield np.concatenate(buf_ids), np.ascontiguousarray(np.concatenate(buf_xb), dtype=np.float32)
+
+
+def gather(staging: Path, parts: Sequence[tuple[str, int, int]], ids: np.ndarray, d: int,
+           block: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors of ``ids`` (sorted; a sample, a delta) as float32, read part by part: (got ids, xb)."""
+    got_l, xb_l = [], []
+    for got, xb in iter_sorted(staging, parts, ids, block):
+        got_l.append(got)
+        xb_l.append(xb)
+    if not got_l:
+        return np.empty(0, np.int64), np.empty((0, d), np.float32)
+    return np.concatenate(got_l), np.concatenate(xb_l)
 
 
 def remove_orphans(staging: Path, registered: Iterable[str]) -> list[str]:

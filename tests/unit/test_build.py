@@ -250,3 +250,23 @@ def test_concurrent_searches_with_mixed_settings_equal_alone(tmp_path, factory):
                 assert np.isin(It[It >= 0], alw).all()
     # the settings changed the answers (the test could fail): nprobe 1 and 64 differ somewhere
     assert any(not np.array_equal(alone[i][1], alone[i + 2][1]) for i in range(0, 60, 6))
+
+
+def test_compaction_streams_into_bounded_parts(filled):
+    from shoal.cluster.build import _Stream, compact_parts
+
+    cfg, cat, xb, ids = filled
+    cat.delete_files([f"/c/f{i}" for i in range(0, 50)])  # 5000 of 12000: past min_dead
+    live = cat.chunk_ids()
+    stage = cfg.data_path / "staging"
+    before = set(cat.part_names())
+    compact_parts(cat, stage, live, _Stream(cfg, cat, D), "float16", part_rows=1000)
+    parts = cat.parts()
+    assert len(parts) == -(-len(live) // 1000) and not before & {p[0] for p in parts}
+    assert sorted(p.name for p in stage.iterdir()) == sorted(p[0] for p in parts)  # old files gone
+    got, x = staging.gather(stage, parts, live, D)
+    assert np.array_equal(got, live)
+    np.testing.assert_allclose(x, xb[np.isin(ids, live)], atol=1e-3)
+    build_generation(cfg, cat)  # the index builds from the compacted parts
+    g, _ = open_live(cfg)
+    assert np.array_equal(g.live_ids(), live)

@@ -102,3 +102,34 @@ def test_staging_parts_round_trip_and_orphans(tmp_path):
     (tmp_path / a).write_bytes(b"torn")
     with pytest.raises(CorruptFileError, match=a):
         staging.read_part(tmp_path, a)
+
+
+def test_staging_streams_in_id_order_across_overlapping_and_float16_parts(tmp_path):
+    rs = np.random.default_rng(3)
+    xb = clustered(1000, d=8)
+    ids = np.arange(1000, dtype=np.int64) * 3
+    parts = []
+    # ordinary commits, one compaction-like part whose range overlaps two others, a float16 part
+    for lo, hi, dt in ((0, 200, "float32"), (200, 400, "float32"), (600, 1000, "float16")):
+        name = staging.write_part(tmp_path, ids[lo:hi], xb[lo:hi], dt)
+        parts.append((name, int(ids[lo]), int(ids[hi - 1])))
+    mixed = rs.permutation(np.arange(400, 600))
+    for chunk in (mixed[:100], mixed[100:]):
+        name = staging.write_part(tmp_path, ids[chunk], xb[chunk])
+        parts.append((name, int(ids[chunk].min()), int(ids[chunk].max())))
+    live = np.setdiff1d(ids, ids[rs.choice(1000, 50, replace=False)])
+    got_i, got_x, sizes = [], [], []
+    for i, x in staging.iter_sorted(tmp_path, parts, live, block=128):
+        assert x.dtype == np.float32 and x.flags.c_contiguous
+        got_i.append(i)
+        got_x.append(x)
+        sizes.append(len(i))
+    assert max(sizes) == 128 and all(s == 128 for s in sizes[:-1])
+    assert np.array_equal(np.concatenate(got_i), live)
+    want = xb[np.isin(ids, live)]
+    np.testing.assert_allclose(np.concatenate(got_x), want, atol=1e-3)  # float16 part: 3 digits
+    part = live[(live > ids[650]) & (live < ids[700])]
+    g, x = staging.gather(tmp_path, parts, part, 8)
+    assert np.array_equal(g, part) and x.shape == (len(part), 8)
+    with np.load(tmp_path / parts[2][0]) as z:
+        assert z["xb"].dtype == np.float16  # half the bytes of float32 on disk
