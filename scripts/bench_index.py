@@ -9,12 +9,25 @@ index functions (the on-disk variant with `write_ondisk_shard` / `read_ondisk`,
 as production opens it) and swept over nprobe. RSS is measured in a fresh
 subprocess per layout that opens the index and runs the same queries.
 Prints one markdown table; everything comes from one run.
+
+    python scripts/bench_index.py --sizes 1M,3M,10M [--dtypes float32,float16] [--out DIR]
+
+--sizes measures the product's own build path at each size: a data dir whose
+catalog holds N synthetic chunk rows and whose staging holds their clustered
+vectors (written as float32 and as float16), then `build_generation` in a fresh
+process (IVF-Flat on on-disk lists; IVF-PQ in RAM, float32 staging only):
+build seconds, peak build RSS (the process's own, from wait4), bytes of the
+generation, recall@10 against exact search over the staged vectors (streamed),
+queries/s at the first nprobe reaching --target, and the serving process's
+anonymous RSS after those queries (LoadedGeneration, as a shard replica opens it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,6 +106,221 @@ def rss_of(path: Path, ondisk: bool, nprobe: int, xq: np.ndarray) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+SCALE_BUILD = r"""
+import json, sys, time, resource
+sys.path.insert(0, sys.argv[3])
+from shoal.cluster.config import load_config
+from shoal.cluster.catalog import Catalog
+from shoal.cluster.build import build_generation
+cfg = load_config(sys.argv[1])
+t0 = time.perf_counter()
+with Catalog(cfg.data_path / "catalog.sqlite") as cat:
+    name = build_generation(cfg, cat, retrain=True)
+print(json.dumps({"generation": name, "seconds": time.perf_counter() - t0,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+SCALE_SERVE = r"""
+import json, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[3])
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key): return int(line.split()[1]) * 1024
+from shoal.index import generations
+from shoal.index.search import LoadedGeneration
+gen_dir, m = generations.open_current(__import__('pathlib').Path(sys.argv[1]))
+g = LoadedGeneration(gen_dir, m)
+xq = np.load(sys.argv[2])
+gt = np.load(sys.argv[2] + '.gt.npy')
+out = []
+for nprobe in [int(x) for x in sys.argv[4].split(',')]:
+    g.search(xq[:50], 10, nprobe=nprobe)  # warm the touched lists
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        D, I = g.search(xq, 10, nprobe=nprobe)
+        times.append(time.perf_counter() - t0)
+    rec = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, gt)]))
+    out.append({"nprobe": nprobe, "recall": rec, "qps": len(xq) / float(np.median(times))})
+print(json.dumps({"rows": out, "anon": status('RssAnon:'), "file": status('RssFile:'), "peak": status('VmHWM:')}))
+"""
+
+
+def write_staged(data: Path, n: int, d: int, dtype: str, part_rows: int = 262_144) -> float:
+    """A data dir whose catalog holds n chunk rows (ids 1..n) and whose staging holds their vectors."""
+    import sqlite3
+
+    from shoal.cluster.catalog import Catalog
+    from shoal.index import staging
+
+    t0 = time.perf_counter()
+    data.mkdir(parents=True, exist_ok=True)
+    Catalog(data / "catalog.sqlite").close()
+    db = sqlite3.connect(data / "catalog.sqlite")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=OFF")
+    with db:
+        db.execute("INSERT INTO meta VALUES ('model', ?)", (json.dumps(
+            {"name": "synthetic", "fingerprint": "sha256:synthetic", "dim": d}),))
+        db.executemany("INSERT INTO files (id, path, root, size, mtime_ns, sha256, kind, status, n_chunks, "
+                       "indexed_at) VALUES (?, ?, '/c', 1, 0, 'x', 'text', 'indexed', 100, 0)",
+                       ((f + 1, f"/c/f{f:08d}") for f in range((n + 99) // 100)))
+    nc = max(100, n // 1000)
+    for i0 in range(0, n, part_rows):
+        m = min(part_rows, n - i0)
+        ids = np.arange(i0 + 1, i0 + m + 1, dtype=np.int64)
+        with db:
+            db.executemany("INSERT INTO chunks (id, file_id, ordinal, char_start, char_end, text) "
+                           "VALUES (?, ?, 0, 0, 1, 'x')", ((int(i), (int(i) - 1) // 100 + 1) for i in ids))
+        xb = clustered_block(m, d, nc, seed=i0)
+        name = staging.write_part(data / "staging", ids, xb, dtype)
+        with db:
+            db.execute("INSERT INTO parts (name, n, min_id, max_id, created_at) VALUES (?, ?, ?, ?, 0)",
+                       (name, m, int(ids[0]), int(ids[-1])))
+    db.close()
+    return time.perf_counter() - t0
+
+
+def clustered_block(m: int, d: int, nc: int, seed: int, latent: int = 64) -> np.ndarray:
+    """``clustered`` for one block: the same basis and centres for every block, other points."""
+    basis = np.random.default_rng(12345).normal(size=(latent, d)).astype(np.float32) / np.sqrt(latent)
+    centers = np.random.default_rng(777).normal(size=(nc, latent)).astype(np.float32)
+    rs = np.random.default_rng(seed + 1)
+    z = centers[rs.integers(0, nc, m)] + 0.5 * rs.normal(size=(m, latent)).astype(np.float32)
+    out = np.ascontiguousarray(z @ basis + 0.02 * rs.normal(size=(m, d)), dtype=np.float32)
+    faiss.normalize_L2(out)
+    return out
+
+
+def ground_truth(data: Path, xq: np.ndarray, k: int = 10) -> np.ndarray:
+    """Exact top-k over every staged vector, streamed (faiss.contrib's ResultHeap over blocks)."""
+    from faiss.contrib.exhaustive_search import knn_ground_truth
+
+    from shoal.cluster.catalog import Catalog
+    from shoal.index import staging
+
+    with Catalog(data / "catalog.sqlite") as cat:
+        parts, live = cat.parts(), cat.chunk_ids()
+
+    def blocks():
+        for ids, xb in staging.iter_sorted(data / "staging", parts, live, 262_144):
+            yield xb
+
+    _, I = knn_ground_truth(xq, blocks(), k, metric_type=faiss.METRIC_INNER_PRODUCT)
+    return I + 1  # ids are positions + 1
+
+
+def scale_main(a: argparse.Namespace) -> int:
+    import yaml
+
+    root = str(Path(__file__).resolve().parent.parent)
+    sizes = [parse_size(x) for x in a.sizes.split(",")]
+    work = Path(a.out or tempfile.mkdtemp(prefix="shoal-bench-scale-"))
+    rows = []
+    for n in sizes:
+        nlist = nlist_for(n)
+        xq = clustered_block(a.nq, a.d, max(100, n // 1000), seed=10**9)
+        for dtype in a.dtypes.split(","):
+            data = work / f"n{n}_{dtype}"
+            shutil.rmtree(data, ignore_errors=True)
+            t_stage = write_staged(data, n, a.d, dtype)
+            stage_bytes = sum(f.stat().st_size for f in (data / "staging").iterdir())
+            print(f"# {n:,} vectors staged as {dtype} in {t_stage:.0f} s ({stage_bytes / 1e9:.2f} GB)", file=sys.stderr)
+            np.save(data / "xq.npy", xq)
+            t0 = time.perf_counter()
+            gt = ground_truth(data, xq)
+            np.save(str(data / "xq.npy") + ".gt.npy", gt)
+            print(f"# ground truth in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            for factory, ondisk in ((f"IVF{nlist},Flat", True), (f"IVF{nlist},PQ{a.pq}", False)):
+                if dtype != "float32" and not factory.endswith("Flat"):
+                    continue  # the staging dtype question is asked of IVF-Flat (exact codes)
+                cfg = {"data_dir": str(data), "index": {"factory": factory, "ondisk": ondisk,
+                                                         "staging_dtype": dtype, "keyword": False}}
+                cfg_path = data / "bench.yaml"
+                cfg_path.write_text(yaml.safe_dump(cfg))
+                built, peak = run_measured(SCALE_BUILD, [str(cfg_path), "-", root])
+                gen = data / "generations" / built["generation"]
+                disk = sum(f.stat().st_size for f in gen.rglob("*") if f.is_file())
+                served, _ = run_measured(SCALE_SERVE, [str(data), str(data / "xq.npy"), root, a.nprobes])
+                best = next((r for r in served["rows"] if r["recall"] >= a.target), served["rows"][-1])
+                rows.append(dict(n=n, factory=factory, ondisk=ondisk, dtype=dtype, build_s=built["seconds"],
+                                 peak_rss=peak, disk=disk, staging=stage_bytes, nprobe=best["nprobe"],
+                                 recall=best["recall"], qps=best["qps"], anon=served["anon"], sweep=served["rows"]))
+                print(f"# {factory} {'on disk' if ondisk else 'RAM'} {dtype}: build {built['seconds']:.0f} s, peak "
+                      f"{peak / 1e9:.2f} GB, recall {best['recall']:.4f} at nprobe {best['nprobe']}, "
+                      f"{best['qps']:.0f} q/s, anon {served['anon'] / 1e6:.0f} MB", file=sys.stderr)
+            if not a.keep:
+                shutil.rmtree(data, ignore_errors=True)
+    print(f"\n### The index past RAM: the product's build (`build_generation`, vectors streamed from staging), "
+          f"{a.d} dims, {a.nq} queries, target recall@10 {a.target}\n")
+    print("| vectors | index | staging | build s | peak build RSS GB | generation on disk GB | staging GB | "
+          "nprobe | recall@10 | queries/s | serving RssAnon MB |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['n']:,} | {r['factory']}{' on disk' if r['ondisk'] else ''} | {r['dtype']} | {r['build_s']:.0f} | "
+              f"{r['peak_rss'] / 1e9:.2f} | {r['disk'] / 1e9:.2f} | {r['staging'] / 1e9:.2f} | {r['nprobe']} | "
+              f"{r['recall']:.4f} | {r['qps']:.0f} | {r['anon'] / 1e6:.0f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    if a.plot:
+        plot_scale(rows, a.plot)
+    return 0
+
+
+def run_measured(code: str, args: list[str]) -> tuple[dict, int]:
+    """Run ``code`` in a fresh python; its JSON line and its own peak RSS (wait4's ru_maxrss, bytes)."""
+    p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = p.stdout.read() if p.stdout else b""
+    err = p.stderr.read() if p.stderr else b""
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"child failed ({p.returncode}): {err.decode()[-3000:]}")
+    return json.loads(out.decode().strip().splitlines()[-1]), ru.ru_maxrss * 1024
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 1_000, "M": 1_000_000}.get(s[-1], 1)
+    return int(float(s[:-1] if s[-1] in "KM" else s) * mult)
+
+
+def plot_scale(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for key in dict.fromkeys((r["factory"].split(",", 1)[1], r["ondisk"], r["dtype"]) for r in rows):
+        pts = [r for r in rows if (r["factory"].split(",", 1)[1], r["ondisk"], r["dtype"]) == key]
+        label = f"IVF,{key[0]}{' on disk' if key[1] else ''} ({key[2]})"
+        ns = [r["n"] for r in pts]
+        axes[0].plot(ns, [r["build_s"] for r in pts], marker="o", label=label)
+        axes[1].plot(ns, [r["peak_rss"] / 1e9 for r in pts], marker="o", label=label)
+        axes[2].plot(ns, [r["disk"] / 1e9 for r in pts], marker="o", label=label)
+    ns = sorted({r["n"] for r in rows})
+    if ns:
+        first = min((r for r in rows if r["n"] == ns[0]), key=lambda r: r["build_s"])
+        axes[0].plot(ns, [first["build_s"] * n * np.log(n) / (ns[0] * np.log(ns[0])) for n in ns], "k--", lw=1,
+                     label="n log n from the smallest")
+    axes[1].axhline(4, color="r", ls=":", lw=1, label="4 GB goal")
+    for ax, t in zip(axes, ("build seconds", "peak build RSS (GB)", "generation on disk (GB)")):
+        ax.set_xscale("log")
+        ax.set_title(t)
+        ax.set_xlabel("vectors")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"# plot written to {path}", file=sys.stderr)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -103,7 +331,17 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="folder for the index files (default: a temp dir)")
     ap.add_argument("--plot", default="bench_index.png")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--sizes", default=None, help="e.g. 1M,3M,10M: the product's build at each size (see below)")
+    ap.add_argument("--dtypes", default="float32,float16", help="--sizes: staging dtypes to build from")
+    ap.add_argument("--target", type=float, default=0.95, help="--sizes: recall@10 the nprobe is tuned to")
+    ap.add_argument("--keep", action="store_true", help="--sizes: keep the data dirs")
     a = ap.parse_args()
+    if a.sizes:
+        if a.nprobes == "1,4,16,64,256":
+            a.nprobes = "8,16,32,64,128"
+        if a.plot == "bench_index.png":
+            a.plot = "bench_scale.png"
+        return scale_main(a)
     n, d, k = a.n, a.d, 10
     out = Path(a.out or tempfile.mkdtemp(prefix="shoal-bench-"))
     out.mkdir(parents=True, exist_ok=True)

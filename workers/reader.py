@@ -21,6 +21,7 @@ from shoal.cluster.chunking import Chunk, chunk_text
 from shoal.cluster.scan import SkipFile, read_text
 
 _TOKENIZERS: dict[tuple[str, bool], Any] = {}  # one per worker process, loaded on its first task
+POLL_S = 0.05  # how often the driver looks for a finished read task between files
 READER_NICENESS = 10  # a Ray worker that reads for shoal stays this much nicer (it serves this job only)
 
 
@@ -120,6 +121,7 @@ class ReadPool:
         self.task_seconds = 0.0  # read + chunk time inside the readers (all of them)
         self.tasks = 0
         self._remote: Any = None
+        self._polled = 0.0
 
     def submit(self, path: str, old_sha: Optional[str], size: int) -> None:
         self.batch.append((path, old_sha))
@@ -164,6 +166,10 @@ class ReadPool:
             if not self.inflight:
                 return
             if not block:
+                now = time.perf_counter()
+                if now - self._polled < POLL_S:  # a ray.wait per file would cost the driver more than reading
+                    return
+                self._polled = now
                 import ray
 
                 done, _ = ray.wait([self.inflight[0]], num_returns=1, timeout=0)
