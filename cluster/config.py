@@ -91,6 +91,9 @@ class IngestConfig:
     read_workers: int = -1
     read_batch_files: int = 64  # files per read task, at most
     read_batch_bytes: Bytes = Bytes(8 << 20)  # bytes per read task, at most (one big file may pass it)
+    # readers run on the node of `shoal ingest` (where the paths are) at this Unix niceness: they run
+    # ahead of the embedders (bounded), so on a CPU-only box the actors' torch threads go first
+    reader_niceness: int = 10
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,8 @@ def _check_values(cfg: Config) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v!r}")
+    if not 0 <= cfg.ingest.reader_niceness <= 19:
+        raise ConfigError(f"ingest.reader_niceness: 0 to 19, got {cfg.ingest.reader_niceness!r}")
     if cfg.ingest.read_workers < -1:
         raise ConfigError(f"ingest.read_workers: -1 (auto), 0 (the driver reads) or a count, got "
                           f"{cfg.ingest.read_workers!r}")

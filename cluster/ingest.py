@@ -393,7 +393,7 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
     sizes = [count_files(r, cfg, data) for r in roots]
     progress = Progress(out, sum(n for n, _ in sizes), sum(b for _, b in sizes))
     spec = ChunkSpec(cfg.model.name, cfg.model.allow_download, cfg.chunk.tokens, cfg.chunk.overlap_tokens,
-                     int(cfg.scan.max_file_bytes))
+                     int(cfg.scan.max_file_bytes), cfg.ingest.reader_niceness)
     reader: Optional[ReadPool] = None
     pending: list[FileBatch] = []
     pending_chunks = 0

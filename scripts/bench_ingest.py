@@ -193,7 +193,7 @@ def null_mode(a: argparse.Namespace, work: Path) -> None:
         for workers in (0, 1, 2):
             rep = shoal_ingest(corpus, work, f"null_{corpus.name}_{workers}",
                                {"model": {"name": "null:384"}, "embed": {"dedup": False},
-                                "ingest": {"read_workers": workers}})
+                                "ingest": {"read_workers": workers, "reader_niceness": 0}})
             rows.append((name, workers, rep))
             print(f"# {name}, {workers} read workers: {rep['chunks_added']} chunks in {rep['wall']:.1f} s",
                   file=sys.stderr)
@@ -210,7 +210,8 @@ def null_mode(a: argparse.Namespace, work: Path) -> None:
               f"{n / rep['wall']:.0f} | {n / steady:.0f} | {1000 * rep['driver_cpu_seconds'] / n:.2f} | "
               f"{1000 * reader_s / n:.2f} | {n / reader_s:.0f} |")
     print("\nchunks/s pipeline: chunks over the run less Ray/actor start-up, the index build and process start. "
-          "reader s: reading, parsing and chunking time inside the readers (the driver's own when 0).")
+          "reader s: reading, parsing and chunking time inside the readers (the driver's own when 0). Readers at "
+          "normal priority (`ingest.reader_niceness: 0`), as on a box whose embedders are GPUs.")
     if a.json:
         Path(a.json).write_text(json.dumps([(n, w, r) for n, w, r in rows], indent=1))
 

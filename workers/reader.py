@@ -22,7 +22,7 @@ from shoal.cluster.scan import SkipFile, read_text
 
 _TOKENIZERS: dict[tuple[str, bool], Any] = {}  # one per worker process, loaded on its first task
 POLL_S = 0.05  # how often the driver looks for a finished read task between files
-READER_NICENESS = 10  # a Ray worker that reads for shoal stays this much nicer (it serves this job only)
+READER_NICENESS = 10  # default ingest.reader_niceness: readers run ahead (bounded), actors' torch threads first
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class ChunkSpec:
     tokens: int
     overlap: int
     max_file_bytes: int
+    niceness: int = READER_NICENESS
 
 
 @dataclass
@@ -98,10 +99,11 @@ def _remote_prepare(files: Sequence[tuple[str, Optional[str]]], spec: ChunkSpec)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not _NICED:  # readers run ahead of the embedders (bounded): give way to an actor's torch threads
         _NICED = True
-        try:
-            os.nice(READER_NICENESS)
-        except OSError:
-            pass
+        if spec.niceness > 0:
+            try:
+                os.nice(spec.niceness)
+            except OSError:
+                pass
     return prepare_files(files, spec)
 
 
@@ -141,8 +143,12 @@ class ReadPool:
             return
         if self._remote is None:
             import ray
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            self._remote = ray.remote(num_cpus=self.num_cpus, max_retries=2)(_remote_prepare)
+            # the files are paths on this node (the data node): readers run where they can open them
+            here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+            self._remote = ray.remote(num_cpus=self.num_cpus, max_retries=2)(_remote_prepare).options(
+                scheduling_strategy=here)
         while len(self.inflight) >= 2 * self.workers:  # bounded: wait for the oldest
             self._take_oldest()
         self.inflight.append(self._remote.remote(files, self.spec))
@@ -179,12 +185,15 @@ class ReadPool:
 
 
 def auto_workers(requested: int, embed_cpus: float) -> int:
-    """``ingest.read_workers`` -> a count: -1 is the cluster's CPUs minus the embedding actors' (at least 1)."""
+    """``ingest.read_workers`` -> a count: -1 is this node's CPUs (readers run beside the files) minus the
+    embedding actors' (at least 1)."""
     if requested >= 0:
         return requested
     import ray
 
-    cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    here = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n.get("NodeID") == here), None)
+    cpus = float((node or {}).get("Resources", {}).get("CPU", 0) or ray.cluster_resources().get("CPU", 1))
     return max(1, int(cpus - embed_cpus))
 
 

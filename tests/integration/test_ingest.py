@@ -48,6 +48,13 @@ def test_ingest_query_and_incremental(tmp_path, test_cfg, ray_local):
     assert r.new == 50 and r.generation == "000001"
     assert dict(r.skipped) == {"binary": 1, "undecodable": 1, "empty": 1}
     assert r.chunks_added >= 50
+    # configs/test.yaml: two read tasks in flight; the report says where the time went
+    assert r.read_workers == 2 and r.read_task_seconds > 0
+    assert {"startup", "read_chunk", "embed_wait", "commit", "build", "scan"} <= set(r.stages)
+    assert sum(r.stages.values()) == pytest.approx(r.seconds, rel=0.02)
+    assert r.embed_busy_seconds > 0 and 0 < r.first_commit_s < r.seconds and r.driver_cpu_seconds > 0
+    kw = generations.read_manifest(generations.generations_dir(test_cfg.data_path) / r.generation)["keyword"]
+    assert kw["kind"] == "segments" and kw["build"] == "full" and kw["ntotal"] == r.chunks_added
     ids1 = catalog_and_index_agree(test_cfg)
 
     s = Searcher(test_cfg, lm=LM[0])
@@ -69,6 +76,8 @@ def test_ingest_query_and_incremental(tmp_path, test_cfg, ray_local):
     r2 = ingest([str(tmp_path / "corpus")], test_cfg, out=lambda s: None)
     assert (r2.new, r2.changed, r2.deleted, r2.unchanged) == (1, 1, 1, 48)
     assert r2.generation == "000002"
+    kw = generations.read_manifest(generations.generations_dir(test_cfg.data_path) / r2.generation)["keyword"]
+    assert kw["build"] == "delta" and kw["analysed"] == r2.chunks_added  # only the new chunks analysed
     ids2 = catalog_and_index_agree(test_cfg)
     with Catalog(test_cfg.data_path / "catalog.sqlite") as cat:
         assert cat.file_by_path(str(paths["3"])) is None
