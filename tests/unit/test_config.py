@@ -139,3 +139,13 @@ def test_ingress_placement_is_checked():
     assert config_from_dict({"serve": {"ingress": "10.0.0.2"}}).serve.ingress == "10.0.0.2"
     with pytest.raises(ConfigError, match="serve.ingress"):
         config_from_dict({"serve": {"ingress": "somewhere else"}})
+
+
+def test_local_yaml_is_the_built_in_default():
+    """configs/local.yaml says every key in it is the built-in default: keep the two in step."""
+    from pathlib import Path
+
+    from shoal.cluster.config import Config
+
+    local = load_config(Path(__file__).resolve().parents[2] / "configs" / "local.yaml")
+    assert local == Config()
