@@ -25,6 +25,7 @@ generation are analysed exactly as its chunks were, whatever the config says now
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import logging
 import time
@@ -99,7 +100,7 @@ def _tokenize(texts: Sequence[str], analysis: Analysis) -> Any:
 
 K1, B = 1.5, 0.75  # bm25s defaults
 SEGMENT_DOCS = 250_000  # a full build writes segments of at most this many chunks
-MAX_SEGMENTS = 8  # past this many, the smallest are merged
+MAX_SEGMENTS = 8  # past this many segments smaller than SEGMENT_DOCS, the smallest are merged
 MERGE_FACTOR = 4  # how many of the smallest segments one merge joins
 MAX_DEAD = 0.5  # a segment with more deleted docs than this is rewritten without them
 KEYWORD_DIR = "keyword"
@@ -266,26 +267,24 @@ def write_keyword(out_dir: Path, analysis: Analysis, *, live: np.ndarray, texts_
         segs = [(n, s, False) for n, s in old]
         if len(added):
             ids, texts = texts_for(added)
-            segs.append((_new_segment_name(), Segment.build(texts, ids, analysis), True))
+            segs.append(_persist(kdir, Segment.build(texts, ids, analysis)))
             analysed = len(ids)
         mode = "delta"
     else:
         for ids, texts in text_blocks():
-            segs.append((_new_segment_name(), Segment.build(texts, ids, analysis), True))
+            segs.append(_persist(kdir, Segment.build(texts, ids, analysis)))  # written now: RAM holds one
             analysed += len(ids)
         mode = "full"
     all_ids = np.sort(np.concatenate([s.ids for _, s, _ in segs])) if segs else np.empty(0, np.int64)
     dead = np.setdiff1d(all_ids, live, assume_unique=True)
-    segs, merged = _merge_policy(segs, dead)
+    segs, merged = _merge_policy(segs, dead, kdir)
     kept_ids = np.concatenate([s.ids for _, s, _ in segs]) if segs else np.empty(0, np.int64)
     dead = dead[np.isin(dead, kept_ids)]
     out = []
     n_live = sum_dl = 0
     for name, seg, fresh in segs:
         folder = kdir / name
-        if fresh:
-            seg.save(folder)
-        else:
+        if not fresh:  # the last generation's: the same files
             folder.mkdir()
             for f in SEG_FILES:
                 link_or_copy(base_dir / KEYWORD_DIR / name / f"{f}.npy", folder / f"{f}.npy")  # type: ignore[operator]
@@ -305,25 +304,47 @@ def write_keyword(out_dir: Path, analysis: Analysis, *, live: np.ndarray, texts_
     return entry
 
 
-def _merge_policy(segs: list[tuple[str, Segment, bool]], dead: np.ndarray) -> tuple[list[tuple[str, Segment, bool]], int]:
-    """Rewrite mostly-dead segments; while there are more than MAX_SEGMENTS, join the smallest MERGE_FACTOR."""
+def _persist(kdir: Path, seg: Segment) -> tuple[str, Segment, bool]:
+    """Write a new segment into ``kdir`` and hold it memory-mapped from there."""
+    name = _new_segment_name()
+    seg.save(kdir / name)
+    return name, Segment.load(kdir / name), True
+
+
+def _merge_policy(segs: list[tuple[str, Segment, bool]], dead: np.ndarray,
+                  kdir: Path) -> tuple[list[tuple[str, Segment, bool]], int]:
+    """Rewrite mostly-dead segments; while more than MAX_SEGMENTS are smaller than SEGMENT_DOCS, join the
+    MERGE_FACTOR smallest (full-size segments are left alone: a merge costs what it joins)."""
     merged = 0
     out = []
+
+    def drop(name: str, fresh: bool) -> None:
+        if fresh:  # written by this build and merged away
+            shutil.rmtree(kdir / name, ignore_errors=True)
+
     for name, seg, fresh in segs:
         n_dead = int(np.isin(seg.ids, dead).sum()) if len(dead) else 0
         if n_dead == seg.n:
             merged += 1
-            continue  # nothing live left: dropped
+            drop(name, fresh)
+            continue  # nothing live left
         if n_dead > MAX_DEAD * seg.n:
-            out.append((_new_segment_name(), merge_segments([seg], dead), True))
+            out.append(_persist(kdir, merge_segments([seg], dead)))
+            drop(name, fresh)
             merged += 1
         else:
             out.append((name, seg, fresh))
-    while len(out) > MAX_SEGMENTS:
-        out.sort(key=lambda t: t[1].n, reverse=True)
-        small = out[-MERGE_FACTOR:]
-        out = out[:-MERGE_FACTOR] + [(_new_segment_name(), merge_segments([s for _, s, _ in small], dead), True)]
-        merged += len(small)
+    while True:
+        small = sorted((t for t in out if t[1].n < SEGMENT_DOCS), key=lambda t: t[1].n)
+        if len(small) <= MAX_SEGMENTS:
+            break
+        join = small[:MERGE_FACTOR]
+        names = {t[0] for t in join}
+        new = _persist(kdir, merge_segments([t[1] for t in join], dead))
+        for t in join:
+            drop(t[0], t[2])
+        out = [t for t in out if t[0] not in names] + [new]
+        merged += len(join)
     out.sort(key=lambda t: int(t[1].ids[0]) if t[1].n else 0)
     return out, merged
 

@@ -107,8 +107,16 @@ def rss_of(path: Path, ondisk: bool, nprobe: int, xq: np.ndarray) -> dict:
 
 
 SCALE_BUILD = r"""
-import json, sys, time, resource
+import json, sys, time, resource, threading
 sys.path.insert(0, sys.argv[3])
+peak_anon = [0]
+def watch():  # RssAnon (heap, not the mapped .ivfdata pages VmHWM also counts), every 20 ms
+    while True:
+        for line in open('/proc/self/status'):
+            if line.startswith('RssAnon:'):
+                peak_anon[0] = max(peak_anon[0], int(line.split()[1]) * 1024)
+        time.sleep(0.02)
+threading.Thread(target=watch, daemon=True).start()
 from shoal.cluster.config import load_config
 from shoal.cluster.catalog import Catalog
 from shoal.cluster.build import build_generation
@@ -116,7 +124,7 @@ cfg = load_config(sys.argv[1])
 t0 = time.perf_counter()
 with Catalog(cfg.data_path / "catalog.sqlite") as cat:
     name = build_generation(cfg, cat, retrain=True)
-print(json.dumps({"generation": name, "seconds": time.perf_counter() - t0,
+print(json.dumps({"generation": name, "seconds": time.perf_counter() - t0, "peak_anon": peak_anon[0],
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
@@ -235,6 +243,8 @@ def scale_main(a: argparse.Namespace) -> int:
             for factory, ondisk in ((f"IVF{nlist},Flat", True), (f"IVF{nlist},PQ{a.pq}", False)):
                 if dtype != "float32" and not factory.endswith("Flat"):
                     continue  # the staging dtype question is asked of IVF-Flat (exact codes)
+                if not factory.endswith("Flat") and n > parse_size(a.pq_max):
+                    continue
                 cfg = {"data_dir": str(data), "index": {"factory": factory, "ondisk": ondisk,
                                                          "staging_dtype": dtype, "keyword": False}}
                 cfg_path = data / "bench.yaml"
@@ -245,21 +255,21 @@ def scale_main(a: argparse.Namespace) -> int:
                 served, _ = run_measured(SCALE_SERVE, [str(data), str(data / "xq.npy"), root, a.nprobes])
                 best = next((r for r in served["rows"] if r["recall"] >= a.target), served["rows"][-1])
                 rows.append(dict(n=n, factory=factory, ondisk=ondisk, dtype=dtype, build_s=built["seconds"],
-                                 peak_rss=peak, disk=disk, staging=stage_bytes, nprobe=best["nprobe"],
+                                 peak_rss=peak, peak_anon=built["peak_anon"], disk=disk, staging=stage_bytes, nprobe=best["nprobe"],
                                  recall=best["recall"], qps=best["qps"], anon=served["anon"], sweep=served["rows"]))
                 print(f"# {factory} {'on disk' if ondisk else 'RAM'} {dtype}: build {built['seconds']:.0f} s, peak "
-                      f"{peak / 1e9:.2f} GB, recall {best['recall']:.4f} at nprobe {best['nprobe']}, "
+                      f"{peak / 1e9:.2f} GB (anon {built['peak_anon'] / 1e9:.2f}), recall {best['recall']:.4f} at nprobe {best['nprobe']}, "
                       f"{best['qps']:.0f} q/s, anon {served['anon'] / 1e6:.0f} MB", file=sys.stderr)
             if not a.keep:
                 shutil.rmtree(data, ignore_errors=True)
     print(f"\n### The index past RAM: the product's build (`build_generation`, vectors streamed from staging), "
           f"{a.d} dims, {a.nq} queries, target recall@10 {a.target}\n")
-    print("| vectors | index | staging | build s | peak build RSS GB | generation on disk GB | staging GB | "
-          "nprobe | recall@10 | queries/s | serving RssAnon MB |")
-    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| vectors | index | staging | build s | peak build RSS GB | peak build RssAnon GB | generation on disk GB | "
+          "staging GB | nprobe | recall@10 | queries/s | serving RssAnon MB |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['n']:,} | {r['factory']}{' on disk' if r['ondisk'] else ''} | {r['dtype']} | {r['build_s']:.0f} | "
-              f"{r['peak_rss'] / 1e9:.2f} | {r['disk'] / 1e9:.2f} | {r['staging'] / 1e9:.2f} | {r['nprobe']} | "
+              f"{r['peak_rss'] / 1e9:.2f} | {r['peak_anon'] / 1e9:.2f} | {r['disk'] / 1e9:.2f} | {r['staging'] / 1e9:.2f} | {r['nprobe']} | "
               f"{r['recall']:.4f} | {r['qps']:.0f} | {r['anon'] / 1e6:.0f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
@@ -301,7 +311,7 @@ def plot_scale(rows: list[dict], path: str) -> None:
         label = f"IVF,{key[0]}{' on disk' if key[1] else ''} ({key[2]})"
         ns = [r["n"] for r in pts]
         axes[0].plot(ns, [r["build_s"] for r in pts], marker="o", label=label)
-        axes[1].plot(ns, [r["peak_rss"] / 1e9 for r in pts], marker="o", label=label)
+        axes[1].plot(ns, [r["peak_anon"] / 1e9 for r in pts], marker="o", label=label)
         axes[2].plot(ns, [r["disk"] / 1e9 for r in pts], marker="o", label=label)
     ns = sorted({r["n"] for r in rows})
     if ns:
@@ -309,7 +319,7 @@ def plot_scale(rows: list[dict], path: str) -> None:
         axes[0].plot(ns, [first["build_s"] * n * np.log(n) / (ns[0] * np.log(ns[0])) for n in ns], "k--", lw=1,
                      label="n log n from the smallest")
     axes[1].axhline(4, color="r", ls=":", lw=1, label="4 GB goal")
-    for ax, t in zip(axes, ("build seconds", "peak build RSS (GB)", "generation on disk (GB)")):
+    for ax, t in zip(axes, ("build seconds", "peak build RssAnon (GB)", "generation on disk (GB)")):
         ax.set_xscale("log")
         ax.set_title(t)
         ax.set_xlabel("vectors")
@@ -335,6 +345,7 @@ def main() -> int:
     ap.add_argument("--dtypes", default="float32,float16", help="--sizes: staging dtypes to build from")
     ap.add_argument("--target", type=float, default=0.95, help="--sizes: recall@10 the nprobe is tuned to")
     ap.add_argument("--keep", action="store_true", help="--sizes: keep the data dirs")
+    ap.add_argument("--pq-max", default="100M", help="--sizes: build IVF-PQ only up to this size")
     a = ap.parse_args()
     if a.sizes:
         if a.nprobes == "1,4,16,64,256":
