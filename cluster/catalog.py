@@ -347,8 +347,8 @@ class Catalog:
 
     # -- chunks -------------------------------------------------------------
     def chunk_ids(self) -> np.ndarray:
-        rows = self.db.execute("SELECT id FROM chunks ORDER BY id").fetchall()
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        """Every live chunk id, sorted (streamed from the cursor: no Python list of 10M rows)."""
+        return np.fromiter((r[0] for r in self.db.execute("SELECT id FROM chunks ORDER BY id")), dtype=np.int64)
 
     def chunk_texts(self) -> tuple[np.ndarray, list[str]]:
         """Every live chunk: ids (n,) sorted, and their texts."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -74,15 +74,38 @@ def iter_sorted(staging: Path, parts: Sequence[tuple[str, int, int]], live: np.n
 
     ``parts``: (name, min_id, max_id) of every registered part. Only parts whose id range meets
     [live[0], live[-1]] are read; parts whose ranges overlap are read together and sorted (a part is at
-    most one commit batch or one compaction block, so memory stays about one part plus one block).
+    most one commit batch or one compaction block). Blocks are views into the part being read where they
+    can be: memory stays about one part plus one block.
     """
     if not len(live):
         return
+    rest_i: Optional[np.ndarray] = None  # fewer than ``block`` rows carried to the next part
+    rest_x: Optional[np.ndarray] = None
+    for ids, xb in _sorted_runs(staging, parts, live):
+        pos = 0
+        if rest_i is not None and rest_x is not None:
+            take = min(block - len(rest_i), len(ids))
+            rest_i = np.concatenate([rest_i, ids[:take]])
+            rest_x = np.concatenate([rest_x, xb[:take].astype(np.float32, copy=False)])
+            pos = take
+            if len(rest_i) < block:
+                continue
+            yield rest_i, rest_x
+            rest_i = rest_x = None
+        while len(ids) - pos >= block:
+            yield ids[pos:pos + block], np.ascontiguousarray(xb[pos:pos + block], dtype=np.float32)
+            pos += block
+        if pos < len(ids):
+            rest_i, rest_x = ids[pos:].copy(), xb[pos:].astype(np.float32)  # copies: the part can go
+    if rest_i is not None and rest_x is not None:
+        yield rest_i, rest_x
+
+
+def _sorted_runs(staging: Path, parts: Sequence[tuple[str, int, int]],
+                 live: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, xb as stored) per part, or per group of parts whose id ranges overlap, restricted to ``live``."""
     lo, hi = int(live[0]), int(live[-1])
     todo = sorted((p for p in parts if p[2] >= lo and p[1] <= hi), key=lambda p: (p[1], p[2]))
-    buf_ids: list[np.ndarray] = []
-    buf_xb: list[np.ndarray] = []
-    held = 0
     i = 0
     while i < len(todo):
         run, run_hi = [todo[i]], todo[i][2]
@@ -95,25 +118,24 @@ def iter_sorted(staging: Path, parts: Sequence[tuple[str, int, int]], live: np.n
         for name, _, _ in run:
             ids, xb = read_part(staging, name)
             keep = np.isin(ids, live, assume_unique=True)
-            if keep.any():
+            if keep.all():
+                ids_l.append(ids)
+                xb_l.append(xb)
+            elif keep.any():
                 ids_l.append(ids[keep])
                 xb_l.append(xb[keep])
+            del ids, xb
         if not ids_l:
             continue
-        ids = np.concatenate(ids_l)
-        xb = np.concatenate(xb_l)
-        if len(run) > 1 or np.any(np.diff(ids) < 0):
+        if len(ids_l) == 1:
+            ids, xb = ids_l[0], xb_l[0]
+        else:
+            ids, xb = np.concatenate(ids_l), np.concatenate([x.astype(np.float32, copy=False) for x in xb_l])
+        del ids_l, xb_l
+        if np.any(np.diff(ids) < 0):
             order = np.argsort(ids, kind="stable")
             ids, xb = ids[order], xb[order]
-        buf_ids.append(ids)
-        buf_xb.append(xb)
-        held += len(ids)
-        while held >= block:
-            ids, xb = np.concatenate(buf_ids), np.concatenate(buf_xb)
-            yield ids[:block], np.ascontiguousarray(xb[:block], dtype=np.float32)
-            buf_ids, buf_xb, held = [ids[block:]], [xb[block:]], len(ids) - block
-    if held:
-        yield np.concatenate(buf_ids), np.ascontiguousarray(np.concatenate(buf_xb), dtype=np.float32)
+        yield ids, xb
 
 
 def gather(staging: Path, parts: Sequence[tuple[str, int, int]], ids: np.ndarray, d: int,
