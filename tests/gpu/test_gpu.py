@@ -108,6 +108,7 @@ def test_embed_actors_one_per_gpu(report, model_name, texts):
     try:
         pool = EmbedPool(cfg)
         pool.start()
+        pool.ready()  # the models load in the background since the start; wait for them
         infos = pool.info
         assert len(infos) == n
         assert all(i["device"] == "cuda" for i in infos), infos
