@@ -111,7 +111,9 @@ class ReadPool:
     """Files in, Prepared out in submission order; ``workers`` == 0 reads in the calling process."""
 
     def __init__(self, spec: ChunkSpec, workers: int, batch_files: int = 64, batch_bytes: int = 8 << 20,
-                 num_cpus: float = 1.0) -> None:
+                 num_cpus: float = 0.0) -> None:
+        # Read tasks ask Ray for no CPU: ``workers`` bounds them (two each in flight), and a node whose
+        # CPUs the embedding actors hold (2 cards, 2 cores) would otherwise never run one.
         self.spec, self.workers = spec, workers
         self.batch_files, self.batch_bytes = batch_files, batch_bytes
         self.num_cpus = num_cpus
