@@ -164,19 +164,6 @@ def _read_ids(gen_dir: Optional[Path]) -> Optional[np.ndarray]:
     return np.load(gen_dir / layout.IDS, allow_pickle=False)
 
 
-def _load_vectors(cfg: Config, cat: Catalog, ids: np.ndarray, d: int, some: bool = False) -> np.ndarray:
-    """The staged vectors of ``ids`` (sorted); ``some``: only the parts whose id range holds one of them."""
-    names = cat.part_names_for(ids) if some else cat.part_names()
-    got, xb = staging.load_live(layout.staging(cfg.data_path), names, ids, d)
-    if len(got) != len(ids) or not np.array_equal(got, ids):
-        missing = np.setdiff1d(ids, got)
-        raise CorruptFileError(
-            f"{len(missing)} catalog chunks have no staged vector (first ids {missing[:5].tolist()}); "
-            "re-run `shoal ingest` on their files"
-        )
-    return xb
-
-
 def _cpu_budget(cfg: Config) -> int:
     return int(cfg.index.cpu_memory) or psutil.virtual_memory().total // 2
 
@@ -188,9 +175,10 @@ class _Stream:
         self.dir, self.parts, self.d = layout.staging(cfg.data_path), cat.parts(), d
         self.block = int(cfg.index.ondisk_block)
 
-    def blocks(self, ids: np.ndarray):
+    def blocks(self, ids: np.ndarray, block: int = 0):
+        """(ids, xb) of ``ids`` (sorted) in order, ``block`` rows at a time (default index.ondisk_block)."""
         n = 0
-        for got, xb in staging.iter_sorted(self.dir, self.parts, ids, self.block):
+        for got, xb in staging.iter_sorted(self.dir, self.parts, ids, block or self.block):
             if not np.array_equal(got, ids[n:n + len(got)]):
                 break
             n += len(got)
@@ -202,12 +190,13 @@ class _Stream:
                 "re-run `shoal ingest` on their files"
             )
 
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors of ``ids`` (sorted; a sample, a delta) in one array; only parts that can hold them are read."""
+        xb = [x for _, x in self.blocks(ids)]
+        return np.concatenate(xb) if xb else np.empty((0, self.d), np.float32)
+
     def sample(self, ids: np.ndarray, factory: str, per_list: int) -> np.ndarray:
-        pos = train_positions(len(ids), factory, per_list)
-        got, xb = staging.gather(self.dir, self.parts, ids[pos], self.d)
-        if len(got) != len(pos):
-            list(self.blocks(ids))  # names the missing ids
-        return xb
+        return self.gather(ids[train_positions(len(ids), factory, per_list)])
 
 
 def _build_main(cfg: Config, cat: Catalog, tmp: Path, ids: np.ndarray, factory: str, d: int, mode: Mode,
@@ -263,7 +252,7 @@ def _build_delta(cfg: Config, cat: Catalog, tmp: Path, base_dir: Optional[Path],
         generations.link_or_copy(base_dir / f, tmp / f)
     delta = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     if len(added):
-        add_in_blocks(delta, _load_vectors(cfg, cat, added, d, some=True), added)
+        add_in_blocks(delta, _Stream(cfg, cat, d).gather(added), added)
     faiss.write_index(delta, str(tmp / layout.DELTA))
     np.save(tmp / layout.DELETED, np.asarray(removed, dtype=np.int64))
     keep = ("factory", "nlist", "nprobe", "tuned", "shards", "main_ntotal", "trained_for")
@@ -283,21 +272,9 @@ def compact_parts(cat: Catalog, staging_dir: Path, ids: np.ndarray, src: "_Strea
     if total - len(ids) <= min_dead * total and len(names) < max_parts:
         return
     new = []
-    buf_i: list[np.ndarray] = []
-    buf_x: list[np.ndarray] = []
-    held = 0
     try:
-        for got, xb in src.blocks(ids):
-            buf_i.append(got)
-            buf_x.append(xb)
-            held += len(got)
-            while held >= part_rows:
-                i, x = np.concatenate(buf_i), np.concatenate(buf_x)
-                new.append((staging.write_part(staging_dir, i[:part_rows], x[:part_rows], dtype), i[:part_rows]))
-                buf_i, buf_x, held = [i[part_rows:]], [x[part_rows:]], len(i) - part_rows
-        if held:
-            i, x = np.concatenate(buf_i), np.concatenate(buf_x)
-            new.append((staging.write_part(staging_dir, i, x, dtype), i))
+        for got, xb in src.blocks(ids, part_rows):
+            new.append((staging.write_part(staging_dir, got, xb, dtype), got))
         cat.replace_parts(names, new)
     except BaseException:
         for n, _ in new:

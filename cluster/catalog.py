@@ -318,18 +318,6 @@ class Catalog:
         return [(r[0], int(r[1]), int(r[2])) for r in
                 self.db.execute("SELECT name, min_id, max_id FROM parts ORDER BY min_id, name")]
 
-    def part_names_for(self, ids: np.ndarray) -> list[str]:
-        """The parts whose id range can hold any of ``ids`` (sorted): a delta build reads only those."""
-        if not len(ids):
-            return []
-        rows = self.db.execute("SELECT name, min_id, max_id FROM parts ORDER BY name").fetchall()
-        out = []
-        for name, lo, hi in rows:
-            i = int(np.searchsorted(ids, lo))
-            if i < len(ids) and ids[i] <= hi:
-                out.append(name)
-        return out
-
     def staged_vectors(self) -> int:
         return int(self.db.execute("SELECT coalesce(sum(n), 0) FROM parts").fetchone()[0])
 
@@ -349,11 +337,6 @@ class Catalog:
     def chunk_ids(self) -> np.ndarray:
         """Every live chunk id, sorted (streamed from the cursor: no Python list of 10M rows)."""
         return np.fromiter((r[0] for r in self.db.execute("SELECT id FROM chunks ORDER BY id")), dtype=np.int64)
-
-    def chunk_texts(self) -> tuple[np.ndarray, list[str]]:
-        """Every live chunk: ids (n,) sorted, and their texts."""
-        rows = self.db.execute("SELECT id, text FROM chunks ORDER BY id").fetchall()
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1] for r in rows]
 
     def chunk_text_blocks(self, block: int = 100_000) -> Iterator[tuple[np.ndarray, list[str]]]:
         """Every live chunk in id order, ``block`` at a time: (ids, texts) (keyset pages, never all in RAM)."""

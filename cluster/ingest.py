@@ -142,6 +142,7 @@ class EmbedPool:
         self.next_commit = 0
         self.load = Counter()
         self._info_refs: list[Any] = []
+        self.actor_cpus = 0.0  # CPUs the embedding actors hold (set by start)
 
     def start(self) -> None:
         import ray
@@ -153,6 +154,7 @@ class EmbedPool:
         self.ensure_ray()
         m, e = self.cfg.model, self.cfg.embed
         n_gpus = self.gpus_to_use()
+        self.actor_cpus = (n_gpus or e.cpu_actors) * e.cpus_per_actor
         if n_gpus > 0:
             opts = [dict(num_gpus=1, num_cpus=e.cpus_per_actor)] * n_gpus
             threads, device, batch = 1, m.device, e.gpu_batch_size
@@ -188,11 +190,6 @@ class EmbedPool:
                         f"the {free} free one(s)" if free else "the CPU")
             n_gpus = free
         return n_gpus
-
-    def planned_cpus(self) -> float:
-        """CPUs the embedding actors will hold."""
-        n = self.gpus_to_use() or self.cfg.embed.cpu_actors
-        return n * self.cfg.embed.cpus_per_actor
 
     def ready(self) -> None:
         """Wait until every actor has loaded its model; check they agree."""
@@ -406,7 +403,7 @@ def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
             with timed("startup"):
                 pool.start()
                 if cfg.ingest.read_workers:
-                    workers = auto_workers(cfg.ingest.read_workers, pool.planned_cpus())
+                    workers = auto_workers(cfg.ingest.read_workers, pool.actor_cpus)
             report.read_workers = workers
             log.info("reading and chunking %s", f"in {workers} Ray task(s) at a time" if workers else "in the driver")
             reader = ReadPool(spec, workers, cfg.ingest.read_batch_files, int(cfg.ingest.read_batch_bytes))

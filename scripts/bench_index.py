@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import faiss  # noqa: E402
 
 from shoal.index.factory import add_in_blocks, nlist_for, train_sample  # noqa: E402
+from scripts.bench_catalog import parse_count  # noqa: E402
 from shoal.index.ondisk import read_ondisk, write_ondisk_shard  # noqa: E402
 
 
@@ -223,7 +224,7 @@ def scale_main(a: argparse.Namespace) -> int:
     import yaml
 
     root = str(Path(__file__).resolve().parent.parent)
-    sizes = [parse_size(x) for x in a.sizes.split(",")]
+    sizes = [parse_count(x) for x in a.sizes.split(",")]
     work = Path(a.out or tempfile.mkdtemp(prefix="shoal-bench-scale-"))
     rows = []
     for n in sizes:
@@ -244,7 +245,7 @@ def scale_main(a: argparse.Namespace) -> int:
             for factory, ondisk in ((f"IVF{nlist},Flat", True), (f"IVF{nlist},PQ{a.pq}", False)):
                 if dtype != "float32" and not factory.endswith("Flat"):
                     continue  # the staging dtype question is asked of IVF-Flat (exact codes)
-                if not factory.endswith("Flat") and n > parse_size(a.pq_max):
+                if not factory.endswith("Flat") and n > parse_count(a.pq_max):
                     continue
                 cfg = {"data_dir": str(data), "index": {"factory": factory, "ondisk": ondisk,
                                                          "staging_dtype": dtype, "keyword": False}}
@@ -289,12 +290,6 @@ def run_measured(code: str, args: list[str]) -> tuple[dict, int]:
     if p.returncode != 0:
         raise SystemExit(f"child failed ({p.returncode}): {err.decode()[-3000:]}")
     return json.loads(out.decode().strip().splitlines()[-1]), ru.ru_maxrss * 1024
-
-
-def parse_size(s: str) -> int:
-    s = s.strip().upper()
-    mult = {"K": 1_000, "M": 1_000_000}.get(s[-1], 1)
-    return int(float(s[:-1] if s[-1] in "KM" else s) * mult)
 
 
 def plot_scale(rows: list[dict], path: str) -> None:
