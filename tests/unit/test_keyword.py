@@ -138,3 +138,25 @@ def test_damaged_segment_file_is_named(tmp_path):
         f.truncate(victim.stat().st_size - 9)
     with pytest.raises(CorruptFileError, match="docs.npy"):
         KeywordIndex(tmp_path, A)
+
+
+def test_generation_written_before_segments_still_answers(tmp_path):
+    """A generation from an older shoal (one bm25s index, bm25/ + bm25_ids.npy) keeps answering, same scores."""
+    import bm25s
+
+    from shoal.index import layout
+
+    ids = np.arange(len(TEXTS), dtype=np.int64) + 100
+    r = bm25s.BM25()
+    r.index(keyword._tokenize(TEXTS, A), show_progress=False)
+    r.save(str(tmp_path / layout.BM25), allow_pickle=False, show_progress=False)
+    np.save(tmp_path / layout.BM25_IDS, ids)
+    manifest = {"keyword": {"kind": "bm25s", "analysis": A.as_dict()}}
+    assert KeywordIndex.exists(tmp_path)
+    old = KeywordIndex.open(tmp_path, manifest)
+    assert isinstance(old, keyword.Bm25sIndex)
+    build_keyword_index(TEXTS, ids, tmp_path / "new", A)
+    D_old, I_old = old.search(QUERIES, 5)
+    D_new, _ = KeywordIndex(tmp_path / "new", A).search(QUERIES, 5)
+    np.testing.assert_allclose(D_old, D_new, rtol=1e-4, atol=1e-4)
+    assert (I_old[:, 0] >= 100).all()
