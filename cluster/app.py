@@ -9,7 +9,6 @@ return is declared in /openapi.json with its body.
 """
 
 
-import asyncio
 import hmac
 import logging
 import os
@@ -249,7 +248,6 @@ class ServeBackend:
         return None  # CURRENT: the searchers follow it
 
     async def encode(self, queries: list[str]) -> np.ndarray:
-        import asyncio
 
         from shoal.workers.serving import bounded
 

@@ -147,7 +147,6 @@ class EmbedPool:
     def start(self) -> None:
         import ray
 
-        from shoal.cluster.ray_env import init_ray
         from shoal.workers.actors import EmbedActor
         from shoal.workers.embed import torch_threads_for
 

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,7 +150,7 @@ def peers_mode(a: argparse.Namespace, work: Path) -> None:
         n = next(x for x in rs if x)["documents"]
         print(f"| {peer} ({n} documents, <= 256 tokens) | {n} | " + " | ".join(
             f"{x['build_seconds']:.1f} s ({x['documents'] / x['build_seconds']:.1f}/s)" if x else "-" for x in rs)
-            + f" | build only (encode + index); whole process: " + ", ".join(
+            + " | build only (encode + index); whole process: " + ", ".join(
             f"{x['total_seconds']:.1f}" for x in rs if x) + " s |")
     ratios = []
     for r in runs:
