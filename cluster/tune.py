@@ -59,6 +59,31 @@ def sweep(gen: LoadedGeneration, xq: np.ndarray, Igt: np.ndarray, k: int, nlist:
     return points
 
 
+def ground_truth(data: Path, k: int, nq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(xq, Igt): ``nq`` live vectors drawn at random as queries and their exact top-k ids, streamed
+    from staging one block at a time (FAISS's knn_ground_truth), so tuning never holds the corpus."""
+    from faiss.contrib.exhaustive_search import knn_ground_truth
+
+    with Catalog(layout.catalog(data), readonly=True) as cat:
+        live, parts = cat.chunk_ids(), cat.parts()
+    if len(live) == 0:
+        raise ShoalError("no vectors to tune on")
+    rs = np.random.default_rng(seed)
+    qids = np.sort(rs.choice(live, min(nq, len(live)), replace=False))
+    st = layout.staging(data)
+    xq = staging.gather(st, parts, qids, 0)[1]
+    ids_seen: list[np.ndarray] = []
+
+    def blocks():
+        for ids, xb in staging.iter_sorted(st, parts, live, 262_144):
+            ids_seen.append(ids)
+            yield xb
+
+    _, pos = knn_ground_truth(xq, blocks(), k, metric_type=faiss.METRIC_INNER_PRODUCT)
+    order = np.concatenate(ids_seen)  # positions in the stream -> ids
+    return xq, np.where(pos >= 0, order[np.maximum(pos, 0)], -1)
+
+
 def tune(cfg: Config, target: float = 0.95, k: int = 10, nq: int = 500, seed: int = 0) -> tuple[int, list[TunePoint]]:
     """Measure, then publish the chosen nprobe as a new generation. Returns (nprobe, sweep)."""
     if not 0 < target <= 1:
@@ -68,17 +93,7 @@ def tune(cfg: Config, target: float = 0.95, k: int = 10, nq: int = 500, seed: in
     if not m.get("nlist"):
         raise ShoalError(f"generation {m['generation']} is an exact {m['factory']} index: nothing to tune")
     gen = LoadedGeneration(gen_dir, m)
-    with Catalog(layout.catalog(data), readonly=True) as cat:
-        live = cat.chunk_ids()
-        ids, xb = staging.load_live(layout.staging(data), cat.part_names(), live, int(m["dim"]))
-    if len(ids) == 0:
-        raise ShoalError("no vectors to tune on")
-    rs = np.random.default_rng(seed)
-    xq = xb[rs.choice(len(xb), min(nq, len(xb)), replace=False)]
-    exact = faiss.IndexFlatIP(xb.shape[1])
-    exact.add(xb)
-    _, Igt = exact.search(xq, k)
-    Igt = np.where(Igt >= 0, ids[np.maximum(Igt, 0)], -1)
+    xq, Igt = ground_truth(data, k, nq, seed)
     points = sweep(gen, xq, Igt, k, int(m["nlist"]), target)
     best = next((p.nprobe for p in points if p.recall >= target), points[-1].nprobe)
     m = dict(m, nprobe=best, tuned={"target_recall": target, "k": k, "nq": len(xq), "at": time.time(),

@@ -15,6 +15,13 @@ log = logging.getLogger(__name__)
 
 MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per centroid
 _IVF_RE = re.compile(r"^IVF(\d+)")
+# From this many lists on, "auto" puts the centroids in an HNSW graph and trains them with two-level
+# k-means: assigning a vector then costs ~log(nlist) distances instead of nlist, and training grows as
+# sample * sqrt(nlist) instead of sample * nlist, so a build stays near n log n (BENCHMARKS.md, index
+# at scale). Below it the flat quantizer is as fast and exact.
+HNSW_MIN_NLIST = 8192
+QUANTIZER_EF_ADD = 64  # HNSW efSearch when assigning vectors to lists at build time
+QUANTIZER_EF_SEARCH = 64  # HNSW efSearch for a query's nearest lists (at least 2 x nprobe)
 
 
 def nlist_for(n: int) -> int:
@@ -34,7 +41,10 @@ def choose_factory(n: int, configured: str = "auto", flat_threshold: int = 20_00
     ``IVF{nlist}`` in a configured string is filled in from ``n``.
     """
     if configured == "auto":
-        return "Flat" if n < flat_threshold else f"IVF{nlist_for(n)},Flat"
+        if n < flat_threshold:
+            return "Flat"
+        nlist = nlist_for(n)
+        return f"IVF{nlist}_HNSW32,Flat" if nlist >= HNSW_MIN_NLIST else f"IVF{nlist},Flat"
     if "{nlist}" in configured:
         return configured.replace("{nlist}", str(nlist_for(n)))
     return configured
@@ -43,6 +53,16 @@ def choose_factory(n: int, configured: str = "auto", flat_threshold: int = 20_00
 def parse_nlist(factory: str) -> int:
     m = _IVF_RE.match(factory)
     return int(m.group(1)) if m else 0
+
+
+def split_refine(factory: str) -> tuple[str, bool]:
+    """(the factory without a trailing refine stage, whether it had one): "IVF4096,PQ48,RFlat" ->
+    ("IVF4096,PQ48", True). With on-disk lists the refine stage's vectors are kept on disk instead
+    (LoadedGeneration's DiskRefine), so FAISS builds only the base."""
+    parts = factory.split(",")
+    if len(parts) > 1 and (parts[-1] == "RFlat" or parts[-1] == "Refine(Flat)"):
+        return ",".join(parts[:-1]), True
+    return factory, False
 
 
 def make_index(factory: str, d: int) -> faiss.Index:
@@ -90,13 +110,80 @@ def train_index(factory: str, xt: np.ndarray) -> faiss.Index:
                 f"index.factory: {factory!r} needs at least {nlist} training vectors, only {len(xt)} staged; "
                 "use fewer lists or 'auto'"
             )
-        from shoal.index.gpu import use_gpu_clustering
+        from shoal.index.gpu import num_gpus, use_gpu_clustering
 
-        on_gpu = use_gpu_clustering(index)  # k-means on the GPUs where FAISS sees any
-        index.train(np.ascontiguousarray(xt, dtype=np.float32))
+        xt = np.ascontiguousarray(xt, dtype=np.float32)
+        ivf = faiss.try_extract_index_ivf(index)
+        hnsw = ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
+        on_gpu = False
+        if ivf is not None and (hnsw or ivf.nlist >= HNSW_MIN_NLIST):
+            # the centroids first (IVF.train then sees a full quantizer and trains only the rest, e.g. PQ)
+            ivf.quantizer.add(two_level_kmeans(xt, ivf.nlist, gpu=num_gpus() > 0,
+                                               spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT))
+        else:
+            on_gpu = use_gpu_clustering(index)  # k-means on the GPUs where FAISS sees any
+        index.train(xt)
+        if hnsw:
+            faiss.downcast_index(ivf.quantizer).hnsw.efSearch = QUANTIZER_EF_ADD
         if on_gpu:  # drop the reference to the temporary GPU clustering index
             index = faiss.deserialize_index(faiss.serialize_index(index))
     return index
+
+
+def _allocate(counts: np.ndarray, total: int) -> np.ndarray:
+    """Split ``total`` centroids over groups of ``counts`` points: proportional, each non-empty group at
+    least 1 and at most its point count (sum(counts) >= total)."""
+    ideal = counts * (total / counts.sum())
+    alloc = np.minimum(np.maximum(np.floor(ideal).astype(np.int64), (counts > 0).astype(np.int64)), counts)
+    while alloc.sum() < total:  # largest shortfall first, where points remain
+        room = np.where(alloc < counts, ideal - alloc, -np.inf)
+        alloc[int(np.argmax(room))] += 1
+    while alloc.sum() > total:  # the floor of 1 overshot: take from the most over-served
+        over = np.where(alloc > 1, alloc - ideal, -np.inf)
+        alloc[int(np.argmax(over))] -= 1
+    return alloc
+
+
+def two_level_kmeans(xt: np.ndarray, nlist: int, niter: int = 10, seed: int = 1234,
+                     gpu: bool = False, spherical: bool = True) -> np.ndarray:
+    """``nlist`` centroids (nlist, d) of xt by two-level k-means: ~sqrt(nlist) coarse clusters, then each
+    coarse cluster split into centroids in proportion to its points.
+
+    The cost is ~len(xt) * 2 sqrt(nlist) distance computations per iteration instead of len(xt) * nlist
+    (FAISS's contrib.clustering.two_level_clustering, here with guards for tiny clusters). ``spherical``:
+    unit-norm centroids, as IndexIVF trains them for inner product (an IP quantizer over raw k-means
+    means would favour the longer ones).
+    """
+    n, d = xt.shape
+    if n < nlist:
+        raise ConfigError(f"index.factory: {nlist} lists need at least {nlist} training vectors, only {n} staged")
+    nc1 = max(1, min(int(round(math.sqrt(nlist))), nlist))
+    km = faiss.Kmeans(d, nc1, niter=niter, seed=seed, max_points_per_centroid=2000, gpu=gpu, spherical=spherical)
+    km.train(xt)
+    _, a = km.index.search(xt, 1)
+    a = a.ravel()
+    counts = np.bincount(a, minlength=nc1)
+    alloc = _allocate(counts, nlist)
+    order = np.argsort(a, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    out = []
+    for c in range(nc1):
+        k = int(alloc[c])
+        if k == 0:
+            continue
+        sub = xt[order[starts[c]:starts[c + 1]]]
+        if k >= len(sub):  # as many centroids as points: the points are the centroids
+            out.append(sub[:k] / np.maximum(np.linalg.norm(sub[:k], axis=1, keepdims=True), 1e-12)
+                       if spherical else sub[:k])
+            continue
+        # min_points_per_centroid 1: a proportional split keeps ~len(xt)/nlist points per centroid anyway
+        km2 = faiss.Kmeans(d, k, niter=niter, seed=seed + 1 + c, gpu=gpu, min_points_per_centroid=1,
+                           spherical=spherical)
+        km2.train(sub)
+        out.append(km2.centroids)
+    cents = np.ascontiguousarray(np.vstack(out), dtype=np.float32)
+    assert cents.shape == (nlist, d), cents.shape
+    return cents
 
 
 def add_in_blocks(index: faiss.Index, xb: np.ndarray, ids: np.ndarray, bs: int = 65536) -> None:
@@ -128,6 +215,11 @@ def search_params(index: faiss.Index, nprobe: int, k_factor: float = 0,
     p: faiss.SearchParameters | None = None
     if is_ivf:
         p = faiss.SearchParametersIVF(nprobe=int(nprobe))
+        ivf = faiss.try_extract_index_ivf(base)
+        if ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
+            qp = faiss.SearchParametersHNSW(efSearch=max(QUANTIZER_EF_SEARCH, 2 * int(nprobe)))
+            p.quantizer_params = qp
+            p._qp = qp  # keep the quantizer's parameters alive as long as the wrapper
     if refine:
         rp = faiss.IndexRefineSearchParameters(k_factor=float(k_factor or inner.k_factor), base_index_params=p)
         rp._base = p  # keep the base parameters alive as long as the wrapper

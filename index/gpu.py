@@ -53,8 +53,29 @@ def resources(gpu_id: int) -> Any:
     return _RESOURCES[gpu_id]
 
 
+def flatten_quantizer(index: faiss.Index) -> faiss.Index:
+    """Give an IVF index with an HNSW coarse quantizer a flat one holding the same centroids, in place.
+
+    FAISS's GPU cloner has no HNSW (it would keep the quantizer on the CPU at best), and a GPU searches
+    a few thousand centroids by brute force faster than a graph walk. Returns ``index``.
+    """
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexFlat):
+        return index
+    flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
+    flat.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+    old = ivf.quantizer
+    if ivf.own_fields:
+        old.this.own(True)  # the Python proxy frees the graph when it goes
+    ivf.quantizer = flat
+    flat.this.disown()
+    ivf.own_fields = True
+    return index
+
+
 def to_gpu(index: faiss.Index, gpu_id: int) -> faiss.Index:
     """Copy a CPU index to GPU ``gpu_id`` (lists included); the caller checked num_gpus()."""
+    flatten_quantizer(index)
     co = faiss.GpuClonerOptions()
     co.useFloat16 = False  # storage precision comes from the factory (SQfp16), not from here
     return faiss.index_cpu_to_gpu(resources(gpu_id), gpu_id, index, co)

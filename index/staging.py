@@ -48,26 +48,6 @@ def read_part(staging: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     return ids, xb
 
 
-def iter_live(staging: Path, names: Iterable[str], live: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (ids, xb) of each part restricted to the ``live`` ids (sorted int64)."""
-    for name in names:
-        ids, xb = read_part(staging, name)
-        keep = np.isin(ids, live, assume_unique=True)
-        if keep.any():
-            yield ids[keep], xb[keep]
-
-
-def load_live(staging: Path, names: Iterable[str], live: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """All live vectors: ids (n,), xb (n, d), sorted by id."""
-    pairs = list(iter_live(staging, names, live))
-    if not pairs:
-        return np.empty(0, np.int64), np.empty((0, d), np.float32)
-    ids = np.concatenate([p[0] for p in pairs])
-    xb = np.concatenate([p[1] for p in pairs]).astype(np.float32, copy=False)
-    order = np.argsort(ids, kind="stable")
-    return ids[order], xb[order]
-
-
 def iter_sorted(staging: Path, parts: Sequence[tuple[str, int, int]], live: np.ndarray,
                 block: int = 200_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The ``live`` ids' vectors (float32) in ascending id order, ``block`` rows at a time, never all in RAM.

@@ -27,6 +27,8 @@ def test_nlist_keeps_39_points_per_list():
 def test_choose_factory():
     assert choose_factory(100) == "Flat"
     assert choose_factory(50_000) == f"IVF{nlist_for(50_000)},Flat"
+    assert choose_factory(1_000_000) == "IVF4096,Flat"  # flat quantizer below HNSW_MIN_NLIST
+    assert choose_factory(10_000_000) == "IVF16384_HNSW32,Flat"  # graph quantizer: build stays ~n log n
     assert choose_factory(50_000, "IVF{nlist},PQ16") == f"IVF{nlist_for(50_000)},PQ16"
     assert choose_factory(10, "IVF64,Flat") == "IVF64,Flat"
 
@@ -51,6 +53,64 @@ def test_index_recall_against_exact(factory):
     _, I = index.search(xq, 10, params=search_params(index, 16))
     recall = np.mean([len(set(I[i]) & set(ids[Igt[i]])) / 10 for i in range(len(xq))])
     assert recall >= (0.999 if factory == "Flat" else 0.9), recall
+
+
+def test_centroid_allocation_is_proportional_and_bounded():
+    from shoal.index.factory import _allocate
+
+    rs = np.random.default_rng(0)
+    for _ in range(200):
+        counts = rs.integers(0, 50, rs.integers(1, 40))
+        if counts.sum() == 0:
+            continue
+        total = int(rs.integers(max(1, (counts > 0).sum()), counts.sum() + 1))
+        a = _allocate(counts, total)
+        assert a.sum() == total and (a <= counts).all() and (a[counts > 0] >= 1).all()
+    assert list(_allocate(np.array([100, 100, 0, 200]), 8)) == [2, 2, 0, 4]
+
+
+def test_two_level_training_and_hnsw_quantizer_keep_recall(monkeypatch):
+    """Two-level k-means (as auto trains from HNSW_MIN_NLIST lists on) and an HNSW coarse quantizer
+    cost a little recall at the same nprobe, never more than twice the nprobe buys back.
+
+    The data are hard for two-level on purpose: 400 tight clusters over 256 lists split in 16 groups."""
+    import shoal.index.factory as F
+    from shoal.index.gpu import flatten_quantizer
+
+    xb = clustered(30_000, nc=400)
+    xq = clustered(300, nc=400, seed=1)
+    ids = np.arange(len(xb), dtype=np.int64) * 3 + 1
+    gt = faiss.IndexFlatIP(32)
+    gt.add(xb)
+    _, Igt = gt.search(xq, 10)
+
+    def recall(index, nprobe):
+        _, I = index.search(xq, 10, params=search_params(index, nprobe))
+        return np.mean([len(set(I[i]) & set(ids[Igt[i]])) / 10 for i in range(len(xq))])
+
+    built = {}
+    for factory, two_level_from in (("IVF256,Flat", 10 ** 9), ("IVF256,Flat", 256), ("IVF256_HNSW32,Flat", 256)):
+        monkeypatch.setattr(F, "HNSW_MIN_NLIST", two_level_from)
+        index = train_index(factory, train_sample(xb, factory))
+        add_in_blocks(index, xb, ids, bs=5000)
+        built[(factory, two_level_from)] = index
+    flat, two, hnsw = built.values()
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(hnsw).quantizer), faiss.IndexHNSWFlat)
+    assert faiss.downcast_index(faiss.extract_index_ivf(hnsw).quantizer).hnsw.efSearch == F.QUANTIZER_EF_ADD
+    r_flat, r_two, r_hnsw = (recall(x, 8) for x in (flat, two, hnsw))
+    assert r_flat >= 0.8 and r_two >= r_flat - 0.08 and r_hnsw >= r_two - 0.02, (r_flat, r_two, r_hnsw)
+    assert recall(two, 16) >= r_flat and recall(hnsw, 16) >= r_flat
+    # on a GPU the HNSW quantizer becomes a flat one over the same centroids, lists untouched
+    q = faiss.extract_index_ivf(hnsw).quantizer
+    cents = q.reconstruct_n(0, 256)
+    _, I_before = hnsw.search(xq, 10, params=search_params(hnsw, 8))
+    flatten_quantizer(hnsw)
+    q2 = faiss.downcast_index(faiss.extract_index_ivf(hnsw).quantizer)
+    assert isinstance(q2, faiss.IndexFlat) and np.array_equal(q2.reconstruct_n(0, 256), cents)
+    assert search_params(hnsw, 8).quantizer_params is None  # nothing HNSW left to parameterise
+    _, I_after = hnsw.search(xq, 10, params=search_params(hnsw, 8))
+    assert np.mean(I_before == I_after) >= 0.97
+    assert recall(hnsw, 8) >= r_hnsw - 0.01
 
 
 def test_generation_commit_switch_and_gc(tmp_path):
@@ -95,7 +155,7 @@ def test_staging_parts_round_trip_and_orphans(tmp_path):
     b = staging.write_part(tmp_path, ids[60:], xb[60:])
     (tmp_path / "part-orphan.npz").write_bytes(b"junk")
     live = np.setdiff1d(ids, [15, 70])
-    got_ids, got_xb = staging.load_live(tmp_path, [a, b], live, 8)
+    got_ids, got_xb = staging.gather(tmp_path, [(a, 10, 69), (b, 70, 109)], live, 8)
     assert np.array_equal(got_ids, live)
     assert np.allclose(got_xb, xb[np.isin(ids, live)])
     assert staging.remove_orphans(tmp_path, [a, b]) == ["part-orphan.npz"]
