@@ -28,9 +28,10 @@ import psutil
 
 from shoal.cluster.catalog import Catalog
 from shoal.cluster.config import Config
-from shoal.index.errors import ConfigError, CorruptFileError, ShoalError
+from shoal.index.errors import CorruptFileError, ShoalError
 from shoal.index import generations, staging
-from shoal.index.factory import add_in_blocks, choose_factory, parse_nlist, train_index, train_positions
+from shoal.index.factory import (add_in_blocks, choose_factory, parse_nlist, split_refine, train_index,
+                                 train_positions)
 from shoal.index.gpu import detect_gpus
 from shoal.index.ondisk import write_ondisk_shard_blocks
 from shoal.index.shards import plan_shards
@@ -66,6 +67,8 @@ def choose_mode(cfg: Config, n_live: int, added: int, deleted: int, base: Option
         return "full", wanted, "reindex requested" if retrain else "no live generation for this model"
     if base["factory"] == "Flat" or base.get("configured_factory") != cfg.index.factory:
         return "full", wanted, "exact index rebuilt" if base["factory"] == "Flat" else "index.factory changed"
+    if base.get("ondisk") != cfg.index.ondisk and split_refine(base["factory"])[1]:
+        return "full", wanted, "index.ondisk changed: the refine stage moves between RAM and disk"
     if base.get("ondisk") != cfg.index.ondisk or base.get("plan_devices") != plan_signature(cfg):
         return "merge", base["factory"], "shard placement changed: re-sharded on the trained quantizer"
     main = int(base.get("main_ntotal", base["ntotal"]))
@@ -206,21 +209,30 @@ def _build_main(cfg: Config, cat: Catalog, tmp: Path, ids: np.ndarray, factory: 
     what the index itself keeps in RAM), never every vector."""
     src = _Stream(cfg, cat, d)
     ondisk = cfg.index.ondisk and factory.startswith("IVF")
-    if ondisk and "RFlat" in factory:
-        raise ConfigError("index.ondisk: a refine stage (,RFlat) keeps every vector in RAM; drop one of the two")
+    # with on-disk lists a refine stage (",RFlat") keeps its exact vectors on disk beside each shard,
+    # memory-mapped at search (index/search.py DiskRefine); FAISS builds only the base index
+    base_factory, disk_refine = split_refine(factory) if ondisk else (factory, False)
+    t0 = time.perf_counter()
     if mode == "merge" and base_dir is not None and base is not None:
         trained = faiss.read_index(str(base_dir / layout.TRAINED))
         trained_for = int(base["trained_for"])
     else:
-        trained = train_index(factory, src.sample(ids, factory, cfg.index.train_sample_per_list))
+        trained = train_index(base_factory, src.sample(ids, base_factory, cfg.index.train_sample_per_list))
         trained_for = len(ids)
+    t_train = time.perf_counter() - t0
     faiss.write_index(trained, str(tmp / layout.TRAINED))
-    plan = plan_shards(len(ids), d, factory, detect_gpus(cfg.index.gpus), cpu_memory_bytes=_cpu_budget(cfg),
+    plan = plan_shards(len(ids), d, base_factory, detect_gpus(cfg.index.gpus), cpu_memory_bytes=_cpu_budget(cfg),
                        ondisk=ondisk, gpu_reserve_fraction=cfg.index.gpu_reserve_fraction)
     shards = []
     for spec in plan:
         stem = f"shard_{spec.shard:02d}"
         blocks = src.blocks(ids[spec.i0:spec.i1])
+        extra: dict[str, str] = {}
+        if disk_refine:
+            extra = {"refine_vectors": f"{stem}{layout.REFINE_VECTORS}", "refine_ids": f"{stem}{layout.REFINE_IDS}"}
+            np.save(tmp / extra["refine_ids"], ids[spec.i0:spec.i1])
+            blocks = _tee_vectors(blocks, tmp / extra["refine_vectors"], spec.i1 - spec.i0, d,
+                                  cfg.index.staging_dtype)
         if ondisk:
             write_ondisk_shard_blocks(trained, blocks, tmp, stem)
         else:
@@ -229,11 +241,30 @@ def _build_main(cfg: Config, cat: Catalog, tmp: Path, ids: np.ndarray, factory: 
                 add_in_blocks(idx, xb_b, ids_b)
             faiss.write_index(idx, str(tmp / f"{stem}.index"))
             del idx
-        shards.append(dict(spec.as_dict(), file=f"{stem}.index", ntotal=int(spec.i1 - spec.i0), ondisk=ondisk))
+        shards.append(dict(spec.as_dict(), file=f"{stem}.index", ntotal=int(spec.i1 - spec.i0), ondisk=ondisk,
+                           **extra))
+    t_add = time.perf_counter() - t0 - t_train
     np.save(tmp / layout.IDS, ids)
     compact_parts(cat, layout.staging(cfg.data_path), ids, src, cfg.index.staging_dtype)
+    stages = {"train_s": round(t_train, 2), "add_s": round(t_add, 2),
+              "compact_s": round(time.perf_counter() - t0 - t_train - t_add, 2)}
     return {"factory": factory, "nlist": parse_nlist(factory), "nprobe": _nprobe(cfg, base, factory),
-            "shards": shards, "main_ntotal": int(len(ids)), "trained_for": trained_for}
+            "shards": shards, "main_ntotal": int(len(ids)), "trained_for": trained_for, "stages": stages,
+            "refine": "disk" if disk_refine else ("ram" if split_refine(factory)[1] else None)}
+
+
+def _tee_vectors(blocks, path: Path, n: int, d: int, dtype: str):
+    """Pass (ids, xb) blocks through, writing xb in order into ``path`` (an (n, d) .npy of ``dtype``)."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=(n, d))
+    i = 0
+    for ids_b, xb_b in blocks:
+        out[i:i + len(xb_b)] = xb_b
+        i += len(xb_b)
+        yield ids_b, xb_b
+    if i != n:
+        raise RuntimeError(f"{path.name}: {i} vectors streamed, {n} planned")
+    out.flush()
+    del out
 
 
 def _nprobe(cfg: Config, base: Optional[dict[str, Any]], factory: str) -> int:
@@ -248,6 +279,7 @@ def _build_delta(cfg: Config, cat: Catalog, tmp: Path, base_dir: Optional[Path],
     assert base_dir is not None and base is not None  # choose_mode only picks delta with a base
     main_files = [s["file"] for s in base["shards"]]
     main_files += [f.replace(".index", ".ivfdata") for f in main_files if (base_dir / f.replace(".index", ".ivfdata")).exists()]
+    main_files += [s[k] for s in base["shards"] for k in ("refine_vectors", "refine_ids") if s.get(k)]
     for f in main_files + [layout.TRAINED, layout.IDS]:
         generations.link_or_copy(base_dir / f, tmp / f)
     delta = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
@@ -255,7 +287,7 @@ def _build_delta(cfg: Config, cat: Catalog, tmp: Path, base_dir: Optional[Path],
         add_in_blocks(delta, _Stream(cfg, cat, d).gather(added), added)
     faiss.write_index(delta, str(tmp / layout.DELTA))
     np.save(tmp / layout.DELETED, np.asarray(removed, dtype=np.int64))
-    keep = ("factory", "nlist", "nprobe", "tuned", "shards", "main_ntotal", "trained_for")
+    keep = ("factory", "nlist", "nprobe", "tuned", "shards", "main_ntotal", "trained_for", "refine")
     m = {k: base[k] for k in keep if k in base}
     m.update(delta_ntotal=int(len(added)), deleted=int(len(removed)))
     return m

@@ -1,7 +1,8 @@
 """The data dir's layout, in one place (DESIGN.md, "On disk").
 
     DATA_DIR/catalog.sqlite, write.lock, staging/, generations/NNNNNN/, CURRENT
-    a generation: manifest.json, trained.index, shard_NN.index (+ .ivfdata), ids.npy,
+    a generation: manifest.json, trained.index, shard_NN.index (+ .ivfdata; + .vectors.npy and .vector_ids.npy
+                  for a refine stage on disk), ids.npy,
                   delta.index + deleted.npy (between merges), keyword/ (segments; older generations: bm25/ + bm25_ids.npy)
 """
 
@@ -23,6 +24,9 @@ DELTA = "delta.index"
 DELETED = "deleted.npy"
 BM25 = "bm25"
 BM25_IDS = "bm25_ids.npy"
+# a shard's exact vectors for re-scoring (IVF-PQ + refine with on-disk lists): shard_NN + these suffixes
+REFINE_VECTORS = ".vectors.npy"
+REFINE_IDS = ".vector_ids.npy"
 
 
 def catalog(data: Path) -> Path:

@@ -7,9 +7,53 @@ import numpy as np
 from shoal.index import layout
 
 
+class DiskRefine:
+    """Exact re-scoring of candidates from vectors on disk: the refine stage of IVF-PQ with on-disk lists.
+
+    Each shard keeps its vectors (``shard_NN.vectors.npy``, float32 or float16) in the order of its
+    sorted ids (``shard_NN.vector_ids.npy``); both are memory-mapped, so a search reads only the rows
+    of its candidates (k x k_factor per query) and serving holds no copy in anonymous memory.
+    Shards hold disjoint, contiguous id ranges (the plan splits the sorted ids).
+    """
+
+    def __init__(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.parts = [(ids, vec) for ids, vec in parts if len(ids)]
+        self.starts = np.array([ids[0] for ids, _ in self.parts], dtype=np.int64)
+
+    @classmethod
+    def open(cls, gen_dir, shards: list[dict]) -> "DiskRefine | None":
+        files = [(s["refine_ids"], s["refine_vectors"]) for s in shards if s.get("refine_vectors")]
+        if not files:
+            return None
+        return cls([(np.load(gen_dir / i, mmap_mode="r"), np.load(gen_dir / v, mmap_mode="r")) for i, v in files])
+
+    def rescore(self, xq: np.ndarray, I: np.ndarray) -> np.ndarray:
+        """Exact inner products (nq, m) of xq with the vectors of ids I (nq, m); -inf where I is -1
+        (or an id no shard holds)."""
+        nq, m = I.shape
+        D = np.full(nq * m, -np.inf, dtype=np.float32)
+        flat = I.reshape(-1)
+        qrow = np.repeat(np.arange(nq), m)
+        which = np.searchsorted(self.starts, flat, side="right") - 1
+        ok = (flat >= 0) & (which >= 0)
+        for s, (ids, vec) in enumerate(self.parts):
+            sel = np.nonzero(ok & (which == s))[0]
+            if not len(sel):
+                continue
+            pos = np.minimum(np.searchsorted(ids, flat[sel]), len(ids) - 1)
+            hit = ids[pos] == flat[sel]
+            sel, pos = sel[hit], pos[hit]
+            order = np.argsort(pos, kind="stable")  # read the mapped rows in file order
+            sel, pos = sel[order], pos[order]
+            rows = np.asarray(vec[pos], dtype=np.float32)
+            D[sel] = np.einsum("ij,ij->i", rows, xq[qrow[sel]])
+        return D.reshape(nq, m)
+
+
 def search_merged(main: faiss.Index, delta: faiss.Index | None, deleted: np.ndarray, xq: np.ndarray,
                   k: int, allowed: np.ndarray | None = None, params: faiss.SearchParameters | None = None,
-                  selected: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  selected: bool = False, refine: DiskRefine | None = None,
+                  k_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """D, I of size (nq, k), inner product (larger is better), deleted ids never returned.
 
     ``main`` and ``delta`` are searched for k + len(deleted) candidates (capped)
@@ -18,7 +62,8 @@ def search_merged(main: faiss.Index, delta: faiss.Index | None, deleted: np.ndar
     restricts the hits: inside FAISS where ``params`` carries an IDSelector
     (``selected``), and by over-fetching and filtering otherwise, so a
     non-matching id is never returned on any path. ``params`` (nprobe,
-    k_factor) apply to ``main``; the delta index is exact.
+    k_factor) apply to ``main``; the delta index is exact. With ``refine``, main is searched for
+    k x ``k_factor`` candidates whose scores are then replaced by exact ones from disk.
     """
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     nq = len(xq)
@@ -29,13 +74,19 @@ def search_merged(main: faiss.Index, delta: faiss.Index | None, deleted: np.ndar
     for index in (main, delta):
         if index is None or index.ntotal == 0:
             continue
-        D, I = index.search(xq, min(fetch, index.ntotal), params=params if index is main else None)
+        want = fetch
+        if index is main and refine is not None:
+            want = max(fetch, int(np.ceil(k * max(k_factor, 1.0))) + (fetch - k))
+        D, I = index.search(xq, min(want, index.ntotal), params=params if index is main else None)
         dead = np.isin(I, deleted) if len(deleted) else np.zeros(I.shape, bool)
         if allowed is not None:
             dead |= ~np.isin(I, allowed)
         if dead.any():
             I = np.where(dead, -1, I)
             D = np.where(dead, -np.inf, D).astype(np.float32)
+        if index is main and refine is not None:
+            D = refine.rescore(xq, I)
+            I = np.where(np.isfinite(D), I, -1)
         heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
     heap.finalize()
     D, I = heap.D, heap.I
@@ -90,6 +141,7 @@ class LoadedGeneration:
             for idx in shards:
                 self.main.add_shard(idx)
         self._shards = shards  # keep the Python owners alive
+        self.refine = DiskRefine.open(gen_dir, mine)  # exact vectors on disk for a PQ + refine factory
         has_delta = group == 0 and (gen_dir / layout.DELTA).exists()
         self.delta = faiss.read_index(str(gen_dir / layout.DELTA)) if has_delta else None
         self.deleted = (np.load(gen_dir / layout.DELETED, allow_pickle=False)
@@ -123,7 +175,8 @@ class LoadedGeneration:
         sel = self._selector(allowed) if allowed is not None else None
         params = search_params(self.main, nprobe or self.nprobe, k_factor or self.k_factor, sel)
         return search_merged(self.main, self.delta, self.deleted, np.ascontiguousarray(xq, dtype=np.float32),
-                             k, allowed, params, selected=sel is not None)
+                             k, allowed, params, selected=sel is not None, refine=self.refine,
+                             k_factor=k_factor or self.k_factor)
 
     def live_ids(self) -> np.ndarray:
         """Every id a search can return, sorted (for consistency checks)."""

@@ -33,7 +33,7 @@ def manifest_sha256(raw: bytes) -> str:
 
 def group_files(manifest: dict[str, Any], group: int, n_groups: int) -> list[str]:
     """Exactly the files shard group ``group`` of ``n_groups`` serves from: its shards (and their
-    .ivfdata), the delta index (group 0 holds it) and the deleted ids (every group masks them)."""
+    .ivfdata and refine vectors), the delta index (group 0 holds it) and the deleted ids (every group masks them)."""
     files = manifest["files"]
     want: list[str] = []
     for i, s in enumerate(manifest["shards"]):
@@ -43,6 +43,7 @@ def group_files(manifest: dict[str, Any], group: int, n_groups: int) -> list[str
         ivf = str(Path(s["file"]).with_suffix(".ivfdata"))
         if ivf in files:
             want.append(ivf)
+        want += [s[k] for k in ("refine_vectors", "refine_ids") if s.get(k)]
     if group == 0 and layout.DELTA in files:
         want.append(layout.DELTA)
     if layout.DELETED in files:
