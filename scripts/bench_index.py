@@ -15,7 +15,9 @@ Prints one markdown table; everything comes from one run.
 --sizes measures the product's own build path at each size: a data dir whose
 catalog holds N synthetic chunk rows and whose staging holds their clustered
 vectors (written as float32 and as float16), then `build_generation` in a fresh
-process (IVF-Flat on on-disk lists; IVF-PQ in RAM, float32 staging only):
+process: IVF-Flat, and IVF-PQ + refine (float32 staging only), both on on-disk lists, the
+refine's exact vectors memory-mapped from disk; the coarse quantizer is what "auto" picks
+(HNSW from 8192 lists on). Build seconds split into training and adding:
 build seconds, peak build RSS (the process's own, from wait4), bytes of the
 generation, recall@10 against exact search over the staged vectors (streamed),
 queries/s at the first nprobe reaching --target, and the serving process's
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import faiss  # noqa: E402
 
-from shoal.index.factory import add_in_blocks, nlist_for, train_sample  # noqa: E402
+from shoal.index.factory import add_in_blocks, choose_factory, nlist_for, train_sample  # noqa: E402
 from scripts.bench_catalog import parse_count  # noqa: E402
 from shoal.index.ondisk import read_ondisk, write_ondisk_shard  # noqa: E402
 
@@ -125,7 +127,9 @@ cfg = load_config(sys.argv[1])
 t0 = time.perf_counter()
 with Catalog(cfg.data_path / "catalog.sqlite") as cat:
     name = build_generation(cfg, cat, retrain=True)
+m = json.loads((cfg.data_path / "generations" / name / "manifest.json").read_text())
 print(json.dumps({"generation": name, "seconds": time.perf_counter() - t0, "peak_anon": peak_anon[0],
+                  "stages": m.get("stages", {}),
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
@@ -139,7 +143,7 @@ def status(key):
 from shoal.index import generations
 from shoal.index.search import LoadedGeneration
 gen_dir, m = generations.open_current(__import__('pathlib').Path(sys.argv[1]))
-g = LoadedGeneration(gen_dir, m)
+g = LoadedGeneration(gen_dir, m, k_factor=float(sys.argv[5]))
 xq = np.load(sys.argv[2])
 gt = np.load(sys.argv[2] + '.gt.npy')
 out = []
@@ -228,7 +232,6 @@ def scale_main(a: argparse.Namespace) -> int:
     work = Path(a.out or tempfile.mkdtemp(prefix="shoal-bench-scale-"))
     rows = []
     for n in sizes:
-        nlist = nlist_for(n)
         xq = clustered_block(a.nq, a.d, max(100, n // 1000), seed=10**9)
         for dtype in a.dtypes.split(","):
             data = work / f"n{n}_{dtype}"
@@ -242,10 +245,11 @@ def scale_main(a: argparse.Namespace) -> int:
                 gt = ground_truth(data, xq)
                 print(f"# ground truth in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             np.save(str(data / "xq.npy") + ".gt.npy", gt)
-            for factory, ondisk in ((f"IVF{nlist},Flat", True), (f"IVF{nlist},PQ{a.pq}", False)):
-                if dtype != "float32" and not factory.endswith("Flat"):
+            flat = choose_factory(n)  # what "auto" builds: an HNSW coarse quantizer from HNSW_MIN_NLIST lists on
+            for factory, ondisk in ((flat, True), (flat.replace(",Flat", f",PQ{a.pq},RFlat"), True)):
+                if dtype != "float32" and factory != flat:
                     continue  # the staging dtype question is asked of IVF-Flat (exact codes)
-                if not factory.endswith("Flat") and n > parse_count(a.pq_max):
+                if factory != flat and n > parse_count(a.pq_max):
                     continue
                 cfg = {"data_dir": str(data), "index": {"factory": factory, "ondisk": ondisk,
                                                          "staging_dtype": dtype, "keyword": False}}
@@ -254,9 +258,11 @@ def scale_main(a: argparse.Namespace) -> int:
                 built, peak = run_measured(SCALE_BUILD, [str(cfg_path), "-", root])
                 gen = data / "generations" / built["generation"]
                 disk = sum(f.stat().st_size for f in gen.rglob("*") if f.is_file())
-                served, _ = run_measured(SCALE_SERVE, [str(data), str(data / "xq.npy"), root, a.nprobes])
+                served, _ = run_measured(SCALE_SERVE, [str(data), str(data / "xq.npy"), root, a.nprobes,
+                                                       str(a.k_factor)])
                 best = next((r for r in served["rows"] if r["recall"] >= a.target), served["rows"][-1])
                 rows.append(dict(n=n, factory=factory, ondisk=ondisk, dtype=dtype, build_s=built["seconds"],
+                                 train_s=built["stages"].get("train_s", 0), add_s=built["stages"].get("add_s", 0),
                                  peak_rss=peak, peak_anon=built["peak_anon"], disk=disk, staging=stage_bytes, nprobe=best["nprobe"],
                                  recall=best["recall"], qps=best["qps"], anon=served["anon"], sweep=served["rows"]))
                 print(f"# {factory} {'on disk' if ondisk else 'RAM'} {dtype}: build {built['seconds']:.0f} s, peak "
@@ -266,11 +272,12 @@ def scale_main(a: argparse.Namespace) -> int:
                 shutil.rmtree(data, ignore_errors=True)
     print(f"\n### The index past RAM: the product's build (`build_generation`, vectors streamed from staging), "
           f"{a.d} dims, {a.nq} queries, target recall@10 {a.target}\n")
-    print("| vectors | index | staging | build s | peak build RSS GB | peak build RssAnon GB | generation on disk GB | "
-          "staging GB | nprobe | recall@10 | queries/s | serving RssAnon MB |")
-    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| vectors | index | staging | build s | train s | add s | peak build RSS GB | peak build RssAnon GB | "
+          "generation on disk GB | staging GB | nprobe | recall@10 | queries/s | serving RssAnon MB |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['n']:,} | {r['factory']}{' on disk' if r['ondisk'] else ''} | {r['dtype']} | {r['build_s']:.0f} | "
+              f"{r['train_s']:.0f} | {r['add_s']:.0f} | "
               f"{r['peak_rss'] / 1e9:.2f} | {r['peak_anon'] / 1e9:.2f} | {r['disk'] / 1e9:.2f} | {r['staging'] / 1e9:.2f} | {r['nprobe']} | "
               f"{r['recall']:.4f} | {r['qps']:.0f} | {r['anon'] / 1e6:.0f} |")
     if a.json:
@@ -342,6 +349,7 @@ def main() -> int:
     ap.add_argument("--target", type=float, default=0.95, help="--sizes: recall@10 the nprobe is tuned to")
     ap.add_argument("--keep", action="store_true", help="--sizes: keep the data dirs")
     ap.add_argument("--pq-max", default="100M", help="--sizes: build IVF-PQ only up to this size")
+    ap.add_argument("--k-factor", type=float, default=8, help="--sizes: refine candidates per hit (IVF-PQ + refine)")
     a = ap.parse_args()
     if a.sizes:
         if a.nprobes == "1,4,16,64,256":
