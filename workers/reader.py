@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,20 +92,43 @@ def prepare_files(files: Sequence[tuple[str, Optional[str]]], spec: ChunkSpec) -
     return out
 
 
-_NICED = False
+
+
+def niced_call(fn: Any, niceness: int) -> Any:
+    """``fn()`` in a short-lived thread at ``niceness`` more than this one; the calling thread keeps its own.
+
+    Linux keeps the nice value per thread. A read task runs in a pooled Ray worker that Ray may later
+    hand an embedding actor: nicing the worker's main thread (os.nice) would leave that actor's torch
+    threads at the readers' priority for good (seen: model loads of minutes under load). A thread of
+    its own, niced, ends with the task.
+    """
+    if niceness <= 0:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            tid = threading.get_native_id()
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+            except OSError:
+                pass
+            box["out"] = fn()
+        except BaseException as e:  # re-raised in the caller, as if called there
+            box["err"] = e
+
+    t = threading.Thread(target=run, name="shoal-reader", daemon=True)
+    t.start()
+    t.join()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
 
 
 def _remote_prepare(files: Sequence[tuple[str, Optional[str]]], spec: ChunkSpec) -> list[Prepared]:
-    global _NICED
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not _NICED:  # readers run ahead of the embedders (bounded): give way to an actor's torch threads
-        _NICED = True
-        if spec.niceness > 0:
-            try:
-                os.nice(spec.niceness)
-            except OSError:
-                pass
-    return prepare_files(files, spec)
+    # readers run ahead of the embedders (bounded): their thread gives way to an actor's torch threads
+    return niced_call(lambda: prepare_files(files, spec), spec.niceness)
 
 
 class ReadPool:

@@ -88,3 +88,22 @@ def test_auto_workers(ray_local):
     assert auto_workers(-1, 64.0) == 1
     assert auto_workers(3, 1.0) == 3
     assert np.isfinite(cpus)
+
+
+def test_readers_nice_only_their_own_thread():
+    """The reader's work runs niced in a thread of its own: the worker's main thread, which Ray may
+    later hand an embedding actor, keeps its priority (os.nice there once left actors niced for good)."""
+    import os
+    import threading
+
+    from shoal.workers.reader import niced_call
+
+    def prio():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = prio()
+    assert niced_call(prio, 5) == min(before + 5, 19)
+    assert prio() == before
+    assert niced_call(prio, 0) == before
+    with pytest.raises(ZeroDivisionError):  # an error in the reader reaches the caller
+        niced_call(lambda: 1 / 0, 5)
