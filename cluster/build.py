@@ -224,6 +224,7 @@ def _build_main(cfg: Config, cat: Catalog, tmp: Path, ids: np.ndarray, factory: 
     plan = plan_shards(len(ids), d, base_factory, detect_gpus(cfg.index.gpus), cpu_memory_bytes=_cpu_budget(cfg),
                        ondisk=ondisk, gpu_reserve_fraction=cfg.index.gpu_reserve_fraction)
     shards = []
+    timings: dict[str, float] = {}  # on-disk shards: read / add / write / merge seconds
     for spec in plan:
         stem = f"shard_{spec.shard:02d}"
         blocks = src.blocks(ids[spec.i0:spec.i1])
@@ -234,7 +235,7 @@ def _build_main(cfg: Config, cat: Catalog, tmp: Path, ids: np.ndarray, factory: 
             blocks = _tee_vectors(blocks, tmp / extra["refine_vectors"], spec.i1 - spec.i0, d,
                                   cfg.index.staging_dtype)
         if ondisk:
-            write_ondisk_shard_blocks(trained, blocks, tmp, stem)
+            write_ondisk_shard_blocks(trained, blocks, tmp, stem, timings)
         else:
             idx = faiss.clone_index(trained)
             for ids_b, xb_b in blocks:
@@ -247,7 +248,8 @@ def _build_main(cfg: Config, cat: Catalog, tmp: Path, ids: np.ndarray, factory: 
     np.save(tmp / layout.IDS, ids)
     compact_parts(cat, layout.staging(cfg.data_path), ids, src, cfg.index.staging_dtype)
     stages = {"train_s": round(t_train, 2), "add_s": round(t_add, 2),
-              "compact_s": round(time.perf_counter() - t0 - t_train - t_add, 2)}
+              "compact_s": round(time.perf_counter() - t0 - t_train - t_add, 2),
+              **{f"ondisk_{k}": round(v, 2) for k, v in timings.items()}}
     return {"factory": factory, "nlist": parse_nlist(factory), "nprobe": _nprobe(cfg, base, factory),
             "shards": shards, "main_ntotal": int(len(ids)), "trained_for": trained_for, "stages": stages,
             "refine": "disk" if disk_refine else ("ram" if split_refine(factory)[1] else None)}

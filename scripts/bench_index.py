@@ -263,11 +263,12 @@ def scale_main(a: argparse.Namespace) -> int:
                 best = next((r for r in served["rows"] if r["recall"] >= a.target), served["rows"][-1])
                 rows.append(dict(n=n, factory=factory, ondisk=ondisk, dtype=dtype, build_s=built["seconds"],
                                  train_s=built["stages"].get("train_s", 0), add_s=built["stages"].get("add_s", 0),
+                                 stages=built["stages"],
                                  peak_rss=peak, peak_anon=built["peak_anon"], disk=disk, staging=stage_bytes, nprobe=best["nprobe"],
                                  recall=best["recall"], qps=best["qps"], anon=served["anon"], sweep=served["rows"]))
                 print(f"# {factory} {'on disk' if ondisk else 'RAM'} {dtype}: build {built['seconds']:.0f} s, peak "
                       f"{peak / 1e9:.2f} GB (anon {built['peak_anon'] / 1e9:.2f}), recall {best['recall']:.4f} at nprobe {best['nprobe']}, "
-                      f"{best['qps']:.0f} q/s, anon {served['anon'] / 1e6:.0f} MB", file=sys.stderr)
+                      f"{best['qps']:.0f} q/s, anon {served['anon'] / 1e6:.0f} MB; stages {built['stages']}", file=sys.stderr)
             if not a.keep:
                 shutil.rmtree(data, ignore_errors=True)
     print(f"\n### The index past RAM: the product's build (`build_generation`, vectors streamed from staging), "

@@ -91,6 +91,9 @@ def test_ondisk_equals_in_memory(filled):
     gen_dir, _ = generations.open_current(cfg.data_path)
     assert (gen_dir / "shard_00.ivfdata").stat().st_size >= 12_000 * D * 4
     assert disk.devices == ["cpu-ondisk"] and m["shards"][0]["placement"] == "ondisk"
+    st = m["stages"]  # where a build's time went, for the benchmarks and the curious
+    assert {"train_s", "add_s", "ondisk_read_s", "ondisk_add_s", "ondisk_write_s", "ondisk_merge_s"} <= set(st)
+    assert all(v >= 0 for v in st.values()) and st["ondisk_add_s"] <= st["add_s"]
     xq = clustered(300, seed=8)
     assert np.array_equal(mem.search(xq, 10)[1], disk.search(xq, 10)[1])
     assert np.array_equal(disk.live_ids(), ids)
