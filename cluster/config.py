@@ -113,7 +113,9 @@ class GpuSpec:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    factory: str = "auto"  # "auto", "Flat", "IVF{nlist},Flat", "IVF{nlist},PQ32,RFlat", "IVF{nlist},SQfp16"
+    # "auto" (Flat, IVF{nlist},Flat, IVF{nlist}_HNSW32,Flat from 8192 lists), "Flat", "IVF{nlist},Flat",
+    # "IVF{nlist},PQ32,RFlat" (with ondisk: the refine vectors on disk, memory-mapped), "IVF{nlist},SQfp16"
+    factory: str = "auto"
     flat_threshold: int = 20_000  # exact search below this many vectors
     nprobe: int = 16
     train_sample_per_list: int = 64
