@@ -59,29 +59,35 @@ def sweep(gen: LoadedGeneration, xq: np.ndarray, Igt: np.ndarray, k: int, nlist:
     return points
 
 
-def ground_truth(data: Path, k: int, nq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(xq, Igt): ``nq`` live vectors drawn at random as queries and their exact top-k ids, streamed
-    from staging one block at a time (FAISS's knn_ground_truth), so tuning never holds the corpus."""
+def exact_top_k(data: Path, xq: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the exact top-k of xq over every live staged vector, streamed from staging one block
+    at a time (FAISS's knn_ground_truth), so the corpus is never held in RAM."""
     from faiss.contrib.exhaustive_search import knn_ground_truth
 
+    with Catalog(layout.catalog(data), readonly=True) as cat:
+        live, parts = cat.chunk_ids(), cat.parts()
+    ids_seen: list[np.ndarray] = []
+
+    def blocks():
+        for ids, xb in staging.iter_sorted(layout.staging(data), parts, live, 262_144):
+            ids_seen.append(ids)
+            yield xb
+
+    _, pos = knn_ground_truth(xq, blocks(), k, metric_type=faiss.METRIC_INNER_PRODUCT)
+    order = np.concatenate(ids_seen) if ids_seen else np.empty(0, np.int64)  # stream positions -> ids
+    return np.where(pos >= 0, order[np.maximum(pos, 0)], -1) if len(order) else np.full(pos.shape, -1)
+
+
+def ground_truth(data: Path, k: int, nq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(xq, Igt): ``nq`` live vectors drawn at random as queries and their exact top-k ids."""
     with Catalog(layout.catalog(data), readonly=True) as cat:
         live, parts = cat.chunk_ids(), cat.parts()
     if len(live) == 0:
         raise ShoalError("no vectors to tune on")
     rs = np.random.default_rng(seed)
     qids = np.sort(rs.choice(live, min(nq, len(live)), replace=False))
-    st = layout.staging(data)
-    xq = staging.gather(st, parts, qids, 0)[1]
-    ids_seen: list[np.ndarray] = []
-
-    def blocks():
-        for ids, xb in staging.iter_sorted(st, parts, live, 262_144):
-            ids_seen.append(ids)
-            yield xb
-
-    _, pos = knn_ground_truth(xq, blocks(), k, metric_type=faiss.METRIC_INNER_PRODUCT)
-    order = np.concatenate(ids_seen)  # positions in the stream -> ids
-    return xq, np.where(pos >= 0, order[np.maximum(pos, 0)], -1)
+    xq = staging.gather(layout.staging(data), parts, qids, 0)[1]
+    return xq, exact_top_k(data, xq, k)
 
 
 def tune(cfg: Config, target: float = 0.95, k: int = 10, nq: int = 500, seed: int = 0) -> tuple[int, list[TunePoint]]:

@@ -55,6 +55,12 @@ def parse_nlist(factory: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def hnsw_quantizer(ivf: faiss.IndexIVF | None) -> faiss.IndexHNSW | None:
+    """The IVF index's coarse quantizer if it is an HNSW graph, else None."""
+    q = faiss.downcast_index(ivf.quantizer) if ivf is not None else None
+    return q if isinstance(q, faiss.IndexHNSW) else None
+
+
 def split_refine(factory: str) -> tuple[str, bool]:
     """(the factory without a trailing refine stage, whether it had one): "IVF4096,PQ48,RFlat" ->
     ("IVF4096,PQ48", True). With on-disk lists the refine stage's vectors are kept on disk instead
@@ -119,17 +125,17 @@ def train_index(factory: str, xt: np.ndarray) -> faiss.Index:
 
         xt = np.ascontiguousarray(xt, dtype=np.float32)
         ivf = faiss.try_extract_index_ivf(index)
-        hnsw = ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
+        hnsw = hnsw_quantizer(ivf)
         on_gpu = False
-        if ivf is not None and (hnsw or ivf.nlist >= HNSW_MIN_NLIST):
+        if ivf is not None and (hnsw is not None or ivf.nlist >= HNSW_MIN_NLIST):
             # the centroids first (IVF.train then sees a full quantizer and trains only the rest, e.g. PQ)
             ivf.quantizer.add(two_level_kmeans(xt, ivf.nlist, gpu=num_gpus() > 0,
                                                spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT))
         else:
             on_gpu = use_gpu_clustering(index)  # k-means on the GPUs where FAISS sees any
         index.train(xt)
-        if hnsw:
-            faiss.downcast_index(ivf.quantizer).hnsw.efSearch = QUANTIZER_EF_ADD
+        if hnsw is not None:
+            hnsw.hnsw.efSearch = QUANTIZER_EF_ADD
         if on_gpu:  # drop the reference to the temporary GPU clustering index
             index = faiss.deserialize_index(faiss.serialize_index(index))
     return index
@@ -220,8 +226,7 @@ def search_params(index: faiss.Index, nprobe: int, k_factor: float = 0,
     p: faiss.SearchParameters | None = None
     if is_ivf:
         p = faiss.SearchParametersIVF(nprobe=int(nprobe))
-        ivf = faiss.try_extract_index_ivf(base)
-        if ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
+        if hnsw_quantizer(faiss.try_extract_index_ivf(base)) is not None:
             qp = faiss.SearchParametersHNSW(efSearch=max(QUANTIZER_EF_SEARCH, 2 * int(nprobe)))
             p.quantizer_params = qp
             p._qp = qp  # keep the quantizer's parameters alive as long as the wrapper

@@ -45,6 +45,7 @@ import faiss  # noqa: E402
 from shoal.index.factory import add_in_blocks, choose_factory, nlist_for, train_sample  # noqa: E402
 from scripts.bench_catalog import parse_count  # noqa: E402
 from shoal.index.ondisk import read_ondisk, write_ondisk_shard  # noqa: E402
+from shoal.cluster.tune import exact_top_k  # noqa: E402
 
 
 def clustered(n: int, d: int, nc: int, seed: int, latent: int = 64) -> np.ndarray:
@@ -206,24 +207,6 @@ def clustered_block(m: int, d: int, nc: int, seed: int, latent: int = 64) -> np.
     return out
 
 
-def ground_truth(data: Path, xq: np.ndarray, k: int = 10) -> np.ndarray:
-    """Exact top-k over every staged vector, streamed (faiss.contrib's ResultHeap over blocks)."""
-    from faiss.contrib.exhaustive_search import knn_ground_truth
-
-    from shoal.cluster.catalog import Catalog
-    from shoal.index import staging
-
-    with Catalog(data / "catalog.sqlite") as cat:
-        parts, live = cat.parts(), cat.chunk_ids()
-
-    def blocks():
-        for ids, xb in staging.iter_sorted(data / "staging", parts, live, 262_144):
-            yield xb
-
-    _, I = knn_ground_truth(xq, blocks(), k, metric_type=faiss.METRIC_INNER_PRODUCT)
-    return I + 1  # ids are positions + 1
-
-
 def scale_main(a: argparse.Namespace) -> int:
     import yaml
 
@@ -242,7 +225,7 @@ def scale_main(a: argparse.Namespace) -> int:
             np.save(data / "xq.npy", xq)
             if dtype == a.dtypes.split(",")[0]:  # the truth is the first dtype's (float32): float16 is judged by it
                 t0 = time.perf_counter()
-                gt = ground_truth(data, xq)
+                gt = exact_top_k(data, xq, 10)  # ids are 1..n: positions + 1
                 print(f"# ground truth in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             np.save(str(data / "xq.npy") + ".gt.npy", gt)
             flat = choose_factory(n)  # what "auto" builds: an HNSW coarse quantizer from HNSW_MIN_NLIST lists on

@@ -107,9 +107,7 @@ def test_ivf_flat_tuned_recall(filled):
     from shoal.cluster.tune import ground_truth
 
     xq, Igt = ground_truth(cfg.data_path, 10, 50)  # streamed from staging: equals exact search over all
-    exact = faiss.IndexFlatIP(D)
-    exact.add(xb)
-    assert np.array_equal(Igt, ids[exact.search(xq, 10)[1]]) and np.isin(xq, xb).all()
+    assert np.array_equal(Igt, exact_top10(xb, ids, xq)) and np.isin(xq, xb).all()
     assert all(p.recall < 0.95 for p in points[:-1])  # the smallest such nprobe
     gen_dir, m = generations.open_current(cfg.data_path)
     assert m["nprobe"] == best and m["tuned"]["target_recall"] == 0.95
@@ -119,28 +117,37 @@ def test_ivf_flat_tuned_recall(filled):
     assert (gen_dir / "shard_00.index").stat().st_ino == (old / "shard_00.index").stat().st_ino  # hard-linked
 
 
+def synthetic_catalog(cfg):
+    """A catalog for synthetic vectors of dim D (use with ``with``)."""
+    cat = Catalog(cfg.data_path / "catalog.sqlite")
+    cat.set_meta("model", json.dumps({"name": "s", "fingerprint": "sha256:s", "dim": D}))
+    return cat
+
+
+def exact_top10(xb, ids, xq):
+    """The ids of xq's exact top 10 among xb (whose ids are ``ids``)."""
+    exact = faiss.IndexFlatIP(D)
+    exact.add(xb)
+    return ids[exact.search(xq, 10)[1]]
+
+
 def test_pq_refine_recall(tmp_path):
     cfg = make_cfg(tmp_path, factory="IVF64,PQ16,RFlat", nprobe=16, refine_k_factor=8)
-    with Catalog(cfg.data_path / "catalog.sqlite") as cat:
-        cat.set_meta("model", json.dumps({"name": "s", "fingerprint": "sha256:s", "dim": D}))
+    with synthetic_catalog(cfg) as cat:
         xb = clustered(12_000)
         ids = add_files(cat, cfg.data_path, xb)
         build_generation(cfg, cat)
     g, m = open_live(cfg)
     xq = clustered(300, seed=9)
-    exact = faiss.IndexFlatIP(D)
-    exact.add(xb)
-    _, Igt = exact.search(xq, 10)
     _, I = g.search(xq, 10, nprobe=16, k_factor=8)
-    assert recall_at_k(I, ids[Igt], 10) >= 0.90
+    assert recall_at_k(I, exact_top10(xb, ids, xq), 10) >= 0.90
 
 
 def test_pq_refine_on_disk_lists(tmp_path):
     """IVF-PQ + refine with on-disk lists: the exact vectors sit beside each shard on disk, memory-mapped,
     and the hits are the RAM refine's; deletes and a delta build keep them right."""
     cfg = make_cfg(tmp_path, factory="IVF64,PQ16,RFlat", nprobe=16, refine_k_factor=8, ondisk=True)
-    with Catalog(cfg.data_path / "catalog.sqlite") as cat:
-        cat.set_meta("model", json.dumps({"name": "s", "fingerprint": "sha256:s", "dim": D}))
+    with synthetic_catalog(cfg) as cat:
         xb = clustered(12_000)
         ids = add_files(cat, cfg.data_path, xb)
         build_generation(cfg, cat)
@@ -149,16 +156,14 @@ def test_pq_refine_on_disk_lists(tmp_path):
         assert not isinstance(faiss.downcast_index(g.main), faiss.IndexRefine)  # FAISS holds only the codes
         assert isinstance(g.refine.parts[0][1], np.memmap)
         xq = clustered(300, seed=9)
-        exact = faiss.IndexFlatIP(D)
-        exact.add(xb)
-        _, Igt = exact.search(xq, 10)
+        gt = exact_top10(xb, ids, xq)
         D1, I = g.search(xq, 10, nprobe=16, k_factor=8)
-        assert recall_at_k(I, ids[Igt], 10) >= 0.90
+        assert recall_at_k(I, gt, 10) >= 0.90
         # scores are exact inner products, not PQ estimates
         pos = np.searchsorted(ids, I[:, 0])
         assert np.allclose(D1[:, 0], np.einsum("ij,ij->i", xb[pos], xq), atol=1e-5)
         _, I1 = g.search(xq, 10, nprobe=16, k_factor=1)
-        assert recall_at_k(I1, ids[Igt], 10) < recall_at_k(I, ids[Igt], 10)  # k_factor is honoured per call
+        assert recall_at_k(I1, gt, 10) < recall_at_k(I, gt, 10)  # k_factor is honoured per call
         cat.delete_files([f"/c/f{i}" for i in range(10)])  # ids[:1000]
         add_files(cat, cfg.data_path, clustered(300, seed=4), prefix="n")
         build_generation(cfg, cat)
