@@ -14,6 +14,7 @@ import collections
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -104,25 +105,17 @@ def niced_call(fn: Any, niceness: int) -> Any:
     """
     if niceness <= 0:
         return fn()
-    box: dict[str, Any] = {}
 
-    def run() -> None:
+    def run() -> Any:
+        tid = threading.get_native_id()
         try:
-            tid = threading.get_native_id()
-            try:
-                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
-            except OSError:
-                pass
-            box["out"] = fn()
-        except BaseException as e:  # re-raised in the caller, as if called there
-            box["err"] = e
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+        except OSError:
+            pass
+        return fn()
 
-    t = threading.Thread(target=run, name="shoal-reader", daemon=True)
-    t.start()
-    t.join()
-    if "err" in box:
-        raise box["err"]
-    return box["out"]
+    with ThreadPoolExecutor(1, thread_name_prefix="shoal-reader") as pool:
+        return pool.submit(run).result()  # an error in fn is raised here, as if called here
 
 
 def _remote_prepare(files: Sequence[tuple[str, Optional[str]]], spec: ChunkSpec) -> list[Prepared]:
