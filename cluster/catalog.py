@@ -16,9 +16,9 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from shoal.cluster.chunking import Chunk
+from shoal.workers.chunking import Chunk
 from shoal.index.errors import CorruptFileError, ShoalError
-from shoal.cluster.scan import Skipped
+from shoal.workers.scan import Skipped
 
 SCHEMA_VERSION = 1
 
@@ -220,8 +220,9 @@ class Catalog:
         rows and the vectors land together or not at all.
         """
         now = time.time()
-        ids: list[int] = []
-        with self.transaction() as db:
+        rows: list[tuple[int, int, int, int, int, str]] = []
+        with self.transaction() as db:  # BEGIN IMMEDIATE: the write lock is ours, the next ids are too
+            next_id = self._next_chunk_id(db)
             for fb in batch:
                 db.execute("DELETE FROM files WHERE path=?", (fb.path,))  # cascades to old chunks
                 db.execute("DELETE FROM skipped WHERE path=?", (fb.path,))
@@ -230,14 +231,12 @@ class Catalog:
                     " VALUES (?, ?, ?, ?, ?, ?, 'indexed', ?, ?)",
                     (fb.path, fb.root, fb.size, fb.mtime_ns, fb.sha256, fb.kind, len(fb.chunks), now),
                 )
-                file_id = cur.lastrowid
-                for c in fb.chunks:
-                    cur = db.execute(
-                        "INSERT INTO chunks(file_id, ordinal, char_start, char_end, text) VALUES (?, ?, ?, ?, ?)",
-                        (file_id, c.ordinal, c.start, c.end, c.text),
-                    )
-                    ids.append(int(cur.lastrowid))  # type: ignore[arg-type]
-            id_arr = np.asarray(ids, dtype=np.int64)
+                file_id = int(cur.lastrowid)  # type: ignore[arg-type]
+                rows += [(next_id + len(rows) + j, file_id, c.ordinal, c.start, c.end, c.text)
+                         for j, c in enumerate(fb.chunks)]
+            db.executemany("INSERT INTO chunks(id, file_id, ordinal, char_start, char_end, text) VALUES (?, ?, ?, ?, ?, ?)",
+                           rows)
+            id_arr = np.arange(next_id, next_id + len(rows), dtype=np.int64)
             if write_part is not None and len(id_arr):
                 name = write_part(id_arr)
                 db.execute(
@@ -245,6 +244,13 @@ class Catalog:
                     (name, len(id_arr), int(id_arr.min()), int(id_arr.max()), now),
                 )
         return id_arr
+
+    @staticmethod
+    def _next_chunk_id(db: sqlite3.Connection) -> int:
+        """The id AUTOINCREMENT would give the next chunk: above every id ever used, never reused."""
+        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name='chunks'").fetchone()
+        top = db.execute("SELECT MAX(id) FROM chunks").fetchone()[0]
+        return max(int(seq[0]) if seq else 0, int(top or 0)) + 1
 
     def delete_files(self, paths: Iterable[str]) -> int:
         """Remove files and their chunks; returns the number of chunks removed."""

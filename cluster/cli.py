@@ -130,7 +130,7 @@ scores, by mode (higher is better):
 
 
 def _print_hits(hits: Sequence[Any], full: bool, snippet_chars: int, out: Any = sys.stdout) -> None:
-    from shoal.cluster.scan import display_path
+    from shoal.workers.scan import display_path
 
     if not hits:
         print("  (no hits)", file=out)
@@ -333,7 +333,7 @@ def status_dict(cfg: Config) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from shoal.cluster.scan import display_path
+    from shoal.workers.scan import display_path
 
     cfg = _config(args)
     st = status_dict(cfg)

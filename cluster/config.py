@@ -79,7 +79,14 @@ class EmbedConfig:
     threads_per_actor: int = 0  # 0: all cores of the machine divided by actors
     batch_chunks: int = 256  # chunks per commit batch (one SQLite transaction)
     max_in_flight: int = 2  # batches queued per actor (backpressure)
-    gpu_batch_size: int = 256
+    # On a card: the forward pass in gpu_dtype (auto: bfloat16 from Ampere on, float16 on Volta/Turing,
+    # float32 on Pascal cards like the P4000, slow at half precision), kept only where its vectors stay
+    # within gpu_min_cosine of fp32's; batches of gpu_batch_tokens padded tokens (0: 4096 per GiB of the
+    # card's memory) and at most gpu_batch_size texts.
+    gpu_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    gpu_min_cosine: float = 0.999
+    gpu_batch_tokens: int = 0
+    gpu_batch_size: int = 1024
     dedup: bool = True  # embed identical chunk texts of a batch once (boilerplate, copies, repeated lines)
 
 
@@ -235,7 +242,10 @@ def _check_values(cfg: Config) -> None:
             f"chunk.overlap_tokens: must be >= 0 and < chunk.tokens ({cfg.chunk.tokens}), "
             f"got {cfg.chunk.overlap_tokens!r}"
         )
+    if not 0 < cfg.embed.gpu_min_cosine <= 1:
+        raise ConfigError(f"embed.gpu_min_cosine: must be in (0, 1], got {cfg.embed.gpu_min_cosine!r}")
     for key, v in {"embed.threads_per_actor": cfg.embed.threads_per_actor,
+                   "embed.gpu_batch_tokens": cfg.embed.gpu_batch_tokens,
                    "index.flat_threshold": cfg.index.flat_threshold,
                    "query.snippet_chars": cfg.query.snippet_chars}.items():
         if v < 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import fcntl
-import fnmatch
 import json
 import logging
 import os
@@ -25,15 +24,17 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from shoal.cluster.catalog import Catalog, FileBatch
+from shoal.cluster.catalog import Catalog, FileBatch, FileRow
 from shoal.cluster.config import Config
+from shoal.index import generations, layout, staging
 from shoal.index.errors import IndexMismatchError, ShoalError
-from shoal.cluster.scan import Skipped, walk
-from shoal.index import generations, staging
-from shoal.index import layout
+
+from shoal.workers.embed import EmbedSpec, TokenBatch
+from shoal.workers.pool import EmbedPool, PoolSpec
+from shoal.workers.reader import ChunkSpec, Prepared, ReadPool, auto_workers
+from shoal.workers.scan import FileEntry, Skipped, ignore_matcher, walk
 
 log = logging.getLogger(__name__)
-
 
 @dataclass
 class IngestReport:
@@ -61,6 +62,7 @@ class IngestReport:
     read_workers: int = 0
     read_task_seconds: float = 0.0  # reading + chunking inside the readers, all of them
     embed_busy_seconds: float = 0.0  # embedding inside the actors, all of them
+    embed_prep_cpu_seconds: float = 0.0  # the actors' CPU seconds outside the forward pass (padding, copying)
     driver_cpu_seconds: float = 0.0
     first_commit_s: Optional[float] = None
 
@@ -73,10 +75,10 @@ class IngestReport:
         d["skipped"] = dict(self.skipped)
         d["chunks_per_s"] = round(self.chunks_per_s, 2)
         d["stages"] = {k: round(v, 3) for k, v in self.stages.items()}
-        for k in ("embed_seconds", "seconds", "read_task_seconds", "embed_busy_seconds", "driver_cpu_seconds"):
+        for k in ("embed_seconds", "seconds", "read_task_seconds", "embed_busy_seconds", "driver_cpu_seconds",
+                  "embed_prep_cpu_seconds"):
             d[k] = round(d[k], 3)
         return d
-
 
 class Stages:
     """Seconds per stage of the driver's time; ``with stages("commit"): ...``."""
@@ -92,7 +94,6 @@ class Stages:
         finally:
             self.d[name] = self.d.get(name, 0.0) + time.perf_counter() - t0
 
-
 @contextmanager
 def data_dir_lock(data: Path) -> Iterator[None]:
     """One writer per data dir: a second ingest/build fails fast instead of interleaving."""
@@ -107,7 +108,6 @@ def data_dir_lock(data: Path) -> Iterator[None]:
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
-
 def resolve_roots(paths: Sequence[str]) -> list[str]:
     if not paths:
         raise ShoalError("no path given: shoal ingest PATH [PATH ...]")
@@ -119,179 +119,6 @@ def resolve_roots(paths: Sequence[str]) -> list[str]:
             raise ShoalError(f"path not readable: {p}")
         roots.append(os.path.realpath(p))
     return roots
-
-
-class EmbedPool:
-    """Embedding actors, one per GPU (else N CPU actors), fed with bounded queues.
-
-    Actors are started lazily, on the first batch, so an ingest with nothing to
-    embed never starts Ray.
-    """
-
-    def __init__(self, cfg: Config, run: str = "") -> None:
-        self.cfg = cfg
-        self.run, self.job = run, ""
-        self.actors: list[Any] = []
-        self.info: list[dict[str, Any]] = []
-        self.inflight: dict[Any, tuple[int, Any, float, int, list[str]]] = {}  # ref -> (actor, payload, t0, seq, texts)
-        self.lost: set[int] = set()  # actors whose node or process went away: no new work for them
-        self.resubmitted = 0
-        self.batches: Counter = Counter()  # batches each actor finished
-        self.done: dict[int, tuple[Any, np.ndarray, float]] = {}  # finished early, waiting for their turn
-        self.next_submit = 0
-        self.next_commit = 0
-        self.load = Counter()
-        self._info_refs: list[Any] = []
-        self.actor_cpus = 0.0  # CPUs the embedding actors hold (set by start)
-
-    def start(self) -> None:
-        import ray
-
-        from shoal.workers.actors import EmbedActor
-        from shoal.workers.embed import torch_threads_for
-
-        self.ensure_ray()
-        m, e = self.cfg.model, self.cfg.embed
-        n_gpus = self.gpus_to_use()
-        self.actor_cpus = (n_gpus or e.cpu_actors) * e.cpus_per_actor
-        if n_gpus > 0:
-            opts = [dict(num_gpus=1, num_cpus=e.cpus_per_actor)] * n_gpus
-            threads, device, batch = 1, m.device, e.gpu_batch_size
-            log.info("embedding on %d GPU actor(s), one per GPU", n_gpus)
-        else:
-            opts = [dict(num_cpus=e.cpus_per_actor, scheduling_strategy=s) for s in spread_over_nodes(e.cpu_actors)]
-            threads = torch_threads_for(e.cpu_actors, e.threads_per_actor)
-            device, batch = "cpu", m.batch_size
-            log.info("no GPU in the Ray cluster: embedding on %d CPU actor(s), %d threads each", e.cpu_actors, threads)
-        job = self.job = ray.get_runtime_context().get_job_id()
-        kind = "gpu" if n_gpus > 0 else "cpu"
-        self.actors = [  # named per slot and run; the card each one got is in its repr and labels
-            EmbedActor.options(name=f"shoal-embed-{kind}{i}-run{self.run or job}", **o).remote(
-                m.name, device, m.max_seq_length, batch, threads, m.allow_download, self.run, job)
-            for i, o in enumerate(opts)
-        ]
-        self._info_refs = [a.info.remote() for a in self.actors]  # the models load while files are read
-
-    def ensure_ray(self) -> None:
-        from shoal.cluster.ray_env import init_ray
-
-        init_ray(self.cfg.ray.address, num_cpus=self.cfg.ray.num_cpus, num_gpus=self.cfg.ray.num_gpus)
-
-    def gpus_to_use(self) -> int:
-        """The cluster's GPUs not held by other work (a running `shoal serve`): one actor each."""
-        import ray
-
-        n_gpus = int(ray.cluster_resources().get("GPU", 0))
-        free = int(ray.available_resources().get("GPU", 0))
-        if 0 < n_gpus and free < n_gpus:
-            log.warning("%d of the cluster's %d GPU(s) are held by other work (a running `shoal serve`?): "
-                        "embedding on %s", n_gpus - free, n_gpus,
-                        f"the {free} free one(s)" if free else "the CPU")
-            n_gpus = free
-        return n_gpus
-
-    def ready(self) -> None:
-        """Wait until every actor has loaded its model; check they agree."""
-        import ray
-
-        if self.info or not self.actors:
-            return
-        self.info = ray.get(self._info_refs)
-        fps = {i["fingerprint"] for i in self.info}
-        if len(fps) != 1:
-            raise IndexMismatchError(f"embedding actors loaded different models: {sorted(fps)}")
-
-    def busy(self) -> list[dict[str, Any]]:
-        import ray
-
-        try:
-            return ray.get([a.stats.remote() for a in self.actors], timeout=30)
-        except Exception:  # a lost actor: its figures are gone
-            return [{"busy_s": 0.0, "embedded": 0} for _ in self.actors]
-
-    @property
-    def fingerprint(self) -> str:
-        return self.info[0]["fingerprint"]
-
-    def full(self) -> bool:
-        if not self.actors:
-            return False
-        return len(self.inflight) + len(self.done) >= len(self.actors) * self.cfg.embed.max_in_flight
-
-    def submit(self, texts: list[str], payload: Any) -> None:
-        if not self.actors:
-            self.start()
-        self._send(texts, payload, self.next_submit)
-        self.next_submit += 1
-        self._gauge()
-
-    def _send(self, texts: list[str], payload: Any, seq: int, avoid: Optional[int] = None) -> None:
-        live = [j for j in range(len(self.actors)) if j not in self.lost and j != avoid]
-        i = min(live or [avoid if avoid is not None else 0], key=lambda j: self.load[j])
-        ref = self.actors[i].embed.remote(texts)
-        self.load[i] += 1
-        self.inflight[ref] = (i, payload, time.perf_counter(), seq, texts)
-
-    def _gauge(self) -> None:
-        from shoal.workers.metrics import ingest_metrics
-
-        ingest_metrics().inflight_batches.set(len(self.inflight) + len(self.done),
-                                              tags={"job": self.job, "run": self.run})
-
-    def pending(self) -> bool:
-        return bool(self.inflight or self.done)
-
-    def wait_one(self) -> tuple[Any, np.ndarray, float]:
-        """The next batch in submission order: (payload, xb, seconds).
-
-        Actors finish out of order (a faster card, a restarted actor's retried
-        batch); committing in submission order keeps chunk ids a function of the
-        file order alone, so a resumed run gets the same ids as an uninterrupted one.
-        """
-        import ray
-
-        from ray.exceptions import RayActorError
-
-        while self.next_commit not in self.done:
-            [ref], _ = ray.wait(list(self.inflight), num_returns=1)
-            i, payload, t0, seq, texts = self.inflight.pop(ref)
-            self.load[i] -= 1
-            try:
-                self.done[seq] = (payload, ray.get(ref), time.perf_counter() - t0)
-                self.batches[i] += 1
-            except RayActorError as e:  # its process or its node is gone: the batch goes to another actor
-                self.lost.add(i)
-                self.resubmitted += 1
-                log.warning("embedding actor %d lost (%s): batch %d sent to another actor", i,
-                            type(e).__name__, seq)
-                self._send(texts, payload, seq, avoid=i)
-        self.ready()
-        out = self.done.pop(self.next_commit)
-        self.next_commit += 1
-        self._gauge()
-        return out
-
-    def shutdown(self) -> None:
-        import ray
-
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
-
-
-def spread_over_nodes(n: int) -> list[Any]:
-    """Scheduling strategies for ``n`` CPU actors: one per node first, round-robin over the alive nodes
-    with CPUs (soft: an actor goes elsewhere when its node is full). Ray's SPREAD is best effort and
-    may put two on one node while another is idle."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = sorted((nd for nd in ray.nodes() if nd.get("Alive") and nd.get("Resources", {}).get("CPU", 0) > 0),
-                   key=lambda nd: (not nd.get("Resources", {}).get("node:__internal_head__"), nd["NodeManagerAddress"]))
-    if len(nodes) < 2:
-        return ["DEFAULT"] * n
-    return [NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)]["NodeID"], soft=True) for i in range(n)]
-
 
 class Progress:
     """A bar with rate and ETA on a terminal; plain lines every few seconds elsewhere (`ray job logs`).
@@ -337,8 +164,19 @@ class Progress:
         else:
             self.out(f"[ingest] {el:6.1f}s {frac:4.0%} {counts} ETA {eta_s}")
 
+def pool_spec(cfg: Config) -> PoolSpec:
+    """The embedding actors' part of the config, as the plain data ``workers/`` takes."""
+    m, e = cfg.model, cfg.embed
+    return PoolSpec(EmbedSpec(m.name, m.device, m.max_seq_length, m.allow_download, m.batch_size, 0, e.gpu_dtype,
+                              e.gpu_min_cosine, e.gpu_batch_tokens, e.gpu_batch_size),
+                    e.cpu_actors, e.cpus_per_actor, e.threads_per_actor, e.max_in_flight)
+
+def chunk_spec(cfg: Config) -> ChunkSpec:
+    return ChunkSpec(cfg.model.name, cfg.model.allow_download, cfg.chunk.tokens, cfg.chunk.overlap_tokens,
+                     int(cfg.scan.max_file_bytes), cfg.ingest.reader_niceness, cfg.model.max_seq_length)
 
 def _check_model(cat: Catalog, pool: EmbedPool, cfg: Config) -> None:
+    """The data dir's model is the actors' (or none yet); record it, with every dtype its vectors were made in."""
     info = pool.info[0]
     meta = {
         "name": info["model"], "fingerprint": info["fingerprint"], "dim": info["dim"],
@@ -346,6 +184,7 @@ def _check_model(cat: Catalog, pool: EmbedPool, cfg: Config) -> None:
         "chunk_tokens": cfg.chunk.tokens, "chunk_overlap_tokens": cfg.chunk.overlap_tokens,
     }
     raw = cat.get_meta("model")
+    dtypes = set(pool.dtypes)
     if raw is not None:
         old = json.loads(raw)
         if old["fingerprint"] != meta["fingerprint"] and cat.counts()["chunks"] > 0:
@@ -353,228 +192,278 @@ def _check_model(cat: Catalog, pool: EmbedPool, cfg: Config) -> None:
                 f"this data dir was embedded with model {old['name']} ({old['fingerprint']}); the config asks for "
                 f"{meta['name']} ({meta['fingerprint']}). Use another --data-dir for a different model."
             )
+        if old["fingerprint"] == meta["fingerprint"] and cat.counts()["chunks"] > 0:
+            dtypes |= set(old.get("dtypes", ["float32"]))  # written before dtypes were recorded: fp32
+    meta["dtypes"] = sorted(dtypes)
     cat.set_meta("model", json.dumps(meta))
-
 
 def ingest(paths: Sequence[str], cfg: Config, *, build: bool = True,
            out: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> IngestReport:
     """Bring the catalog and index in line with the files under ``paths``."""
     t0 = time.perf_counter()
     roots = resolve_roots(paths)
-    data = cfg.data_path
-    with data_dir_lock(data):
-        cat = Catalog(layout.catalog(data))
+    with data_dir_lock(cfg.data_path):
+        cat = Catalog(layout.catalog(cfg.data_path))
         try:
-            return _ingest_locked(roots, cfg, cat, build, out, t0)
+            return IngestRun(cfg, cat, roots, out, t0).run(build)
         finally:
             cat.close()
 
+@dataclass
+class RootPass:
+    """One root's walk: what the catalog knew under it, what is there now, what was skipped, and the
+    files sent to the readers whose results have not come back (in read order)."""
 
-def _ingest_locked(roots: list[str], cfg: Config, cat: Catalog, build: bool,
-                   out: Callable[[str], None], t0: float) -> IngestReport:
-    from shoal.workers.reader import ChunkSpec, Prepared, ReadPool, auto_workers
+    root: str
+    known: dict[str, FileRow]
+    seen: set[str] = field(default_factory=set)
+    skips: list[Skipped] = field(default_factory=list)
+    waiting: collections.deque = field(default_factory=collections.deque)  # (entry, committed row or None)
 
-    data = cfg.data_path
-    cpu0 = time.process_time()
-    stage = layout.staging(data)
-    orphans = staging.remove_orphans(stage, cat.part_names())
-    if orphans:
-        log.info("removed %d uncommitted vector parts left by an interrupted run", len(orphans))
-    run_id, prev = cat.start_run(roots)
-    report = IngestReport(run_id=run_id, resumed_from=prev)
-    timed = Stages(report.stages)
-    if prev is not None:
-        out(f"[ingest] run {prev} did not finish; resuming (committed files are kept)")
-    pool = EmbedPool(cfg, run=str(run_id))
-    sizes = [count_files(r, cfg, data) for r in roots]
-    progress = Progress(out, sum(n for n, _ in sizes), sum(b for _, b in sizes))
-    spec = ChunkSpec(cfg.model.name, cfg.model.allow_download, cfg.chunk.tokens, cfg.chunk.overlap_tokens,
-                     int(cfg.scan.max_file_bytes), cfg.ingest.reader_niceness)
-    reader: Optional[ReadPool] = None
-    pending: list[FileBatch] = []
-    pending_chunks = 0
+@dataclass
+class Pending:
+    """Files read and chunked, waiting to be embedded together: the next batch."""
 
-    def get_reader() -> ReadPool:
-        """Started on the first file to read, with the embedding actors: their models load while files are read."""
-        nonlocal reader
-        if reader is None:
-            workers = 0
-            with timed("startup"):
-                pool.start()
-                if cfg.ingest.read_workers:
-                    workers = auto_workers(cfg.ingest.read_workers, pool.actor_cpus)
-            report.read_workers = workers
-            log.info("reading and chunking %s", f"in {workers} Ray task(s) at a time" if workers else "in the driver")
-            reader = ReadPool(spec, workers, cfg.ingest.read_batch_files, int(cfg.ingest.read_batch_bytes))
-        return reader
+    files: list[FileBatch] = field(default_factory=list)
+    tokens: list[TokenBatch] = field(default_factory=list)
+    chunks: int = 0
 
-    def commit(payload: tuple[list[FileBatch], np.ndarray], xb_unique: np.ndarray, secs: float) -> None:
-        with timed("commit"):
+class IngestRun:
+    """One ingest, as the pipeline's steps: walk each root -> read and chunk what changed (Ray tasks) ->
+    embed in batches (the actors) -> commit each batch in order -> remove what is gone -> build."""
+
+    def __init__(self, cfg: Config, cat: Catalog, roots: list[str], out: Callable[[str], None], t0: float) -> None:
+        self.cfg, self.cat, self.roots, self.out, self.t0 = cfg, cat, roots, out, t0
+        self.cpu0 = time.process_time()
+        self.data = cfg.data_path
+        self.stage = layout.staging(self.data)
+        orphans = staging.remove_orphans(self.stage, cat.part_names())
+        if orphans:
+            log.info("removed %d uncommitted vector parts left by an interrupted run", len(orphans))
+        run_id, prev = cat.start_run(roots)
+        self.report = IngestReport(run_id=run_id, resumed_from=prev)
+        self.timed = Stages(self.report.stages)
+        if prev is not None:
+            out(f"[ingest] run {prev} did not finish; resuming (committed files are kept)")
+        self.pool = EmbedPool(pool_spec(cfg), run=str(run_id))
+        sizes = [count_files(r, cfg, self.data) for r in roots]
+        self.progress = Progress(out, sum(n for n, _ in sizes), sum(b for _, b in sizes))
+        self._reader: Optional[ReadPool] = None
+        self.pending = Pending()
+
+    # -- the pipeline --------------------------------------------------------------------------
+    def run(self, build: bool) -> IngestReport:
+        r = self.report
+        status = "failed"
+        try:
+            for root in self.roots:
+                self.ingest_root(root)
+            self.collect_figures()
+            r.generation = self.build() if build else generations.current_name(self.data)
+            status = "done"
+        finally:
+            r.seconds = time.perf_counter() - self.t0
+            r.stages["scan"] = max(0.0, r.seconds - sum(v for k, v in r.stages.items() if k != "scan"))
+            r.driver_cpu_seconds = time.process_time() - self.cpu0
+            if self.pool.actors:
+                self.pool.shutdown()
+            self.cat.finish_run(r.run_id, status, r.as_dict())
+        self.progress.tick(r, force=True)
+        return r
+
+    def ingest_root(self, root: str) -> None:
+        """Walk one root: unchanged files are kept, changed ones read, embedded and committed; then the
+        files that are gone leave the catalog and the skipped ones are recorded."""
+        rp = RootPass(root, self.cat.files_under(root))
+        for item in walk([root], ignore=self.cfg.scan.ignore, max_file_bytes=self.cfg.scan.max_file_bytes,
+                         follow_symlinks=self.cfg.scan.follow_symlinks, exclude_dirs=[str(self.data)]):
+            self.walked(rp, item)
+            self.progress.tick(self.report)
+        if self._reader is not None:
+            with self.timed("read_chunk"):
+                done = list(self._reader.results(block=True))
+            for p in done:
+                self.take(rp, p)
+        self.embed_pending()
+        while self.pool.pending():
+            self.wait_commit()
+        self.remove_gone(rp)
+
+    def walked(self, rp: RootPass, item: FileEntry | Skipped) -> None:
+        """One entry of the walk: skipped, unchanged by size and mtime, or sent to the readers."""
+        r = self.report
+        r.files_seen += 1
+        if isinstance(item, Skipped):
+            rp.skips.append(item)
+            r.skipped[item.reason] += 1
+            r.bytes_done += _size(item.path)
+            return
+        rp.seen.add(item.path)
+        old = rp.known.get(item.path)
+        if old is not None and old.size == item.size and old.mtime_ns == item.mtime_ns:
+            r.unchanged += 1
+            r.bytes_done += item.size
+            return
+        reader = self.reader()
+        rp.waiting.append((item, old))
+        with self.timed("read_chunk"):
+            reader.submit(item.path, old.sha256 if old is not None else None, item.size)
+            done = list(reader.results())
+        for p in done:
+            self.take(rp, p)
+
+    def take(self, rp: RootPass, p: Prepared) -> None:
+        """A file the readers are done with: skipped, the same bytes as committed, or chunks to embed."""
+        r = self.report
+        item, old = rp.waiting.popleft()
+        assert item.path == p.path, (item.path, p.path)
+        if p.skip is not None:
+            rp.seen.discard(item.path)
+            rp.skips.append(Skipped(item.path, *p.skip))
+            r.skipped[p.skip[0]] += 1
+            r.bytes_done += item.size
+            return
+        r.bytes_read += item.size
+        if p.same:
+            self.cat.touch_file(item.path, item.size, item.mtime_ns)
+            r.unchanged += 1
+            r.bytes_done += item.size
+            return
+        if old is None:
+            r.new += 1
+        else:
+            r.changed += 1
+            r.chunks_removed += old.n_chunks
+        if not p.chunks:
+            rp.skips.append(Skipped(item.path, "empty", "no text content"))
+            rp.seen.discard(item.path)
+            r.bytes_done += item.size
+            return
+        assert p.tokens is not None
+        self.pending.files.append(FileBatch(item.path, item.root, item.size, item.mtime_ns, p.digest, p.kind, p.chunks))
+        self.pending.tokens.append(p.tokens)
+        self.pending.chunks += len(p.chunks)
+        if self.pending.chunks >= self.cfg.embed.batch_chunks:
+            self.embed_pending()
+
+    def embed_pending(self) -> None:
+        """Send the pending files' chunks to the actors as one batch of input ids (waiting for a free slot
+        first: at most embed.max_in_flight batches per actor). Identical chunk texts are embedded once."""
+        if not self.pending.files:
+            return
+        while self.pool.full():
+            self.wait_commit()
+        files, tokens = self.pending.files, TokenBatch.concat(self.pending.tokens)
+        self.pending = Pending()
+        if self.cfg.embed.dedup:  # identical chunks (boilerplate, copies, repeated lines) embed once
+            texts = np.asarray([c.text for fb in files for c in fb.chunks], dtype=object)
+            _, first, inverse = np.unique(texts, return_index=True, return_inverse=True)
+            self.pool.submit(tokens.take(first), (files, inverse))
+        else:
+            self.pool.submit(tokens, (files, np.arange(len(tokens))))
+
+    def wait_commit(self) -> None:
+        with self.timed("embed_wait"):
+            got = self.pool.wait_one()
+        self.commit(*got)
+
+    def commit(self, payload: tuple[list[FileBatch], np.ndarray], xb_unique: np.ndarray, secs: float) -> None:
+        """The next batch in submission order: its chunk rows and vectors in one transaction."""
+        r = self.report
+        with self.timed("commit"):
             files, inverse = payload
             xb = xb_unique[inverse]
-            if report.batches == 0 or cat.get_meta("model") is None:
-                _check_model(cat, pool, cfg)
-            cat.commit_files(files, write_part=lambda ids: staging.write_part(stage, ids, xb, cfg.index.staging_dtype))
-            report.bytes_done += sum(fb.size for fb in files)
-            report.batches += 1
-            report.chunks_added += len(xb)
-            report.embed_seconds += secs
-            if report.first_commit_s is None:
-                report.first_commit_s = round(time.perf_counter() - t0, 3)
-        progress.tick(report)
+            if r.batches == 0 or self.cat.get_meta("model") is None:
+                _check_model(self.cat, self.pool, self.cfg)
+            dtype = self.cfg.index.staging_dtype
+            self.cat.commit_files(files, write_part=lambda ids: staging.write_part(self.stage, ids, xb, dtype))
+            r.bytes_done += sum(fb.size for fb in files)
+            r.batches += 1
+            r.chunks_added += len(xb)
+            r.embed_seconds += secs
+            if r.first_commit_s is None:
+                r.first_commit_s = round(time.perf_counter() - self.t0, 3)
+        self.progress.tick(r)
 
-    def wait_commit() -> None:
-        with timed("embed_wait"):
-            got = pool.wait_one()
-        commit(*got)
+    def remove_gone(self, rp: RootPass) -> None:
+        """Files the catalog had under the root that the walk did not find leave it (never what lies under a
+        folder that could not be read this time); the root's skipped files are recorded afresh."""
+        blind = tuple(s.path.rstrip("/") + "/" for s in rp.skips if s.reason == "unreadable-dir")
+        gone = [p for p in rp.known if p not in rp.seen and not p.startswith(blind)]
+        skipped_now = {s.path for s in rp.skips}
+        self.report.deleted += sum(1 for p in gone if p not in skipped_now)
+        self.report.chunks_removed += self.cat.delete_files(gone)
+        self.cat.clear_skipped(rp.root)
+        self.cat.record_skipped(rp.skips, rp.root, self.report.run_id)
 
-    def flush() -> None:
-        nonlocal pending, pending_chunks
-        if not pending:
-            return
-        while pool.full():
-            wait_commit()
-        texts = [c.text for fb in pending for c in fb.chunks]
-        if cfg.embed.dedup:  # identical chunks (boilerplate, copies, repeated lines) embed once
-            uniq, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
-            pool.submit(list(uniq), (pending, inverse))
-        else:
-            pool.submit(texts, (pending, np.arange(len(texts))))
-        pending, pending_chunks = [], 0
-
-    status = "failed"
-    try:
-        for root in roots:
-            known = cat.files_under(root)
-            seen: set[str] = set()
-            skips: list[Skipped] = []
-            waiting: collections.deque = collections.deque()  # (entry, committed record) in read order
-
-            def take(p: Prepared) -> None:
-                nonlocal pending_chunks
-                item, old = waiting.popleft()
-                assert item.path == p.path, (item.path, p.path)
-                if p.skip is not None:
-                    seen.discard(item.path)
-                    skips.append(Skipped(item.path, *p.skip))
-                    report.skipped[p.skip[0]] += 1
-                    report.bytes_done += item.size
-                    return
-                report.bytes_read += item.size
-                if p.same:
-                    cat.touch_file(item.path, item.size, item.mtime_ns)
-                    report.unchanged += 1
-                    report.bytes_done += item.size
-                    return
-                chunks = p.chunks or []
-                if old is None:
-                    report.new += 1
-                else:
-                    report.changed += 1
-                    report.chunks_removed += old.n_chunks
-                if not chunks:
-                    skips.append(Skipped(item.path, "empty", "no text content"))
-                    seen.discard(item.path)
-                    report.bytes_done += item.size
-                    return
-                pending.append(FileBatch(item.path, item.root, item.size, item.mtime_ns, p.digest, p.kind, chunks))
-                pending_chunks += len(chunks)
-                if pending_chunks >= cfg.embed.batch_chunks:
-                    flush()
-
-            for item in walk([root], ignore=cfg.scan.ignore, max_file_bytes=cfg.scan.max_file_bytes,
-                             follow_symlinks=cfg.scan.follow_symlinks, exclude_dirs=[str(data)]):
-                report.files_seen += 1
-                if isinstance(item, Skipped):
-                    skips.append(item)
-                    report.skipped[item.reason] += 1
-                    report.bytes_done += _size(item.path)
-                    continue
-                seen.add(item.path)
-                old = known.get(item.path)
-                if old is not None and old.size == item.size and old.mtime_ns == item.mtime_ns:
-                    report.unchanged += 1
-                    report.bytes_done += item.size
-                    continue
-                rd = get_reader()
-                waiting.append((item, old))
-                with timed("read_chunk"):
-                    rd.submit(item.path, old.sha256 if old is not None else None, item.size)
-                    done = list(rd.results())
-                for p in done:
-                    take(p)
-                progress.tick(report)
-            if reader is not None:
-                with timed("read_chunk"):
-                    done = list(reader.results(block=True))
-                for p in done:
-                    take(p)
-            flush()
-            while pool.pending():
-                wait_commit()
-            # never delete what sits under a folder we could not read this time
-            blind = [s.path.rstrip("/") + "/" for s in skips if s.reason == "unreadable-dir"]
-            gone = [p for p in known if p not in seen and not p.startswith(tuple(blind))]
-            skipped_now = {s.path for s in skips}
-            report.deleted += sum(1 for p in gone if p not in skipped_now)
-            report.chunks_removed += cat.delete_files(gone)
-            cat.clear_skipped(root)
-            cat.record_skipped(skips, root, run_id)
-        if pool.actors:
-            pool.ready()
-            busy = pool.busy()
-            report.embed_busy_seconds = sum(b["busy_s"] for b in busy)
-            report.actors = [dict(a, batches=pool.batches[i], lost=i in pool.lost, busy_s=busy[i]["busy_s"])
-                             for i, a in enumerate(pool.info)]
-        if reader is not None:
-            report.read_task_seconds = reader.task_seconds
-        changed = report.chunks_added or report.chunks_removed or report.deleted
-        live = generations.current_name(data)
-        if build and live is not None and not changed:
+    def build(self) -> Optional[str]:
+        """A new generation where the catalog changed (or the keyword analysis did, or there is none yet)."""
+        r, live = self.report, generations.current_name(self.data)
+        changed = bool(r.chunks_added or r.chunks_removed or r.deleted)
+        if live is not None and not changed:
             from shoal.cluster.build import keyword_stale
 
-            changed = keyword_stale(cfg, generations.read_manifest(generations.generations_dir(data) / live))
-        needs_build = build and (changed or live is None)
-        if needs_build and cat.get_meta("model") is not None:
+            changed = keyword_stale(self.cfg, generations.read_manifest(generations.generations_dir(self.data) / live))
+        if (changed or live is None) and self.cat.get_meta("model") is not None:
             from shoal.cluster.build import build_generation
 
-            with timed("build"):
-                report.generation = build_generation(cfg, cat)
-        else:
-            report.generation = generations.current_name(data)
-        status = "done"
-    finally:
-        report.seconds = time.perf_counter() - t0
-        report.stages["scan"] = max(0.0, report.seconds - sum(v for k, v in report.stages.items() if k != "scan"))
-        report.driver_cpu_seconds = time.process_time() - cpu0
-        if pool.actors:
-            pool.shutdown()
-        cat.finish_run(run_id, status, report.as_dict())
-    progress.tick(report, force=True)
-    return report
+            with self.timed("build"):
+                return build_generation(self.cfg, self.cat)
+        return live
 
+    # -- helpers -------------------------------------------------------------------------------
+    def reader(self) -> ReadPool:
+        """Started on the first file to read, with the embedding actors: their models load while files are read."""
+        if self._reader is None:
+            from shoal.cluster.ray_env import init_ray
+
+            workers = 0
+            with self.timed("startup"):
+                init_ray(self.cfg.ray.address, num_cpus=self.cfg.ray.num_cpus, num_gpus=self.cfg.ray.num_gpus)
+                self.pool.start()
+                if self.cfg.ingest.read_workers:
+                    workers = auto_workers(self.cfg.ingest.read_workers, self.pool.actor_cpus)
+            self.report.read_workers = workers
+            log.info("reading and chunking %s", f"in {workers} Ray task(s) at a time" if workers else "in the driver")
+            self._reader = ReadPool(chunk_spec(self.cfg), workers, self.cfg.ingest.read_batch_files,
+                                    int(self.cfg.ingest.read_batch_bytes))
+        return self._reader
+
+    def collect_figures(self) -> None:
+        """What the actors and readers measured, into the report."""
+        r = self.report
+        if self.pool.actors:
+            self.pool.ready()
+            busy = self.pool.busy()
+            r.embed_busy_seconds = sum(b["busy_s"] for b in busy)
+            r.embed_prep_cpu_seconds = sum(b.get("prep_cpu_s", 0.0) for b in busy)
+            r.actors = [dict(a, batches=self.pool.batches[i], lost=i in self.pool.lost, busy_s=busy[i]["busy_s"],
+                             prep_cpu_s=busy[i].get("prep_cpu_s", 0.0))
+                        for i, a in enumerate(self.pool.info)]
+        if self._reader is not None:
+            r.read_task_seconds = self._reader.task_seconds
 
 def count_files(root: str, cfg: Config, data: Path) -> tuple[int, int]:
     """A quick (files, bytes) under ``root`` for the progress bar (names and sizes only, no reads)."""
     n = nbytes = 0
     if not os.path.isdir(root):
         return 1, _size(root)
+    ignored = ignore_matcher(cfg.scan.ignore)
     for dirpath, dirnames, filenames in os.walk(root):
+        rel = dirpath[len(root.rstrip(os.sep)) + 1:]
         dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) != str(data)
-                       and not any(fnmatch.fnmatch(d, p) for p in cfg.scan.ignore)]
+                       and not ignored(d, os.path.join(rel, d) if rel else d)]
         for f in filenames:
-            if not any(fnmatch.fnmatch(f, p) for p in cfg.scan.ignore):
+            if not ignored(f, os.path.join(rel, f) if rel else f):
                 n += 1
                 nbytes += _size(os.path.join(dirpath, f))
     return n, nbytes
-
 
 def _size(path: str) -> int:
     try:
         return os.lstat(path).st_size
     except OSError:
         return 0
-
 
 def push_metrics(r: IngestReport, pushed: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """Add what the report counted since the last push to the Ray counters.

@@ -26,7 +26,7 @@ def line_of(path: str, kind: str, start: int) -> Optional[int]:
     """1-based line of character ``start`` in the file as it was read; None where offsets are not lines (PDF, HTML)."""
     if kind not in TEXT_KINDS:
         return None
-    from shoal.cluster.scan import SkipFile, read_text
+    from shoal.workers.scan import SkipFile, read_text
 
     try:
         text, _, _ = read_text(path)

@@ -174,7 +174,7 @@ def peers_mode(a: argparse.Namespace, work: Path) -> None:
 
 
 def null_mode(a: argparse.Namespace, work: Path) -> None:
-    from shoal.cluster.chunking import chunk_text
+    from shoal.workers.chunking import chunk_text
     from shoal.workers.reader import tokenizer_for
 
     docs = load_docs(Path(a.beir))

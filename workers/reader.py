@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from shoal.cluster.chunking import Chunk, chunk_text
-from shoal.cluster.scan import SkipFile, read_text
+from shoal.workers.chunking import Chunk, InputSpec, chunk_with_ids, input_spec
+from shoal.workers.embed import TokenBatch
+from shoal.workers.scan import SkipFile, read_text
 
 _TOKENIZERS: dict[tuple[str, bool], Any] = {}  # one per worker process, loaded on its first task
+_INPUTS: dict[tuple[str, bool, int], InputSpec] = {}
 POLL_S = 0.05  # how often the driver looks for a finished read task between files
 READER_NICENESS = 10  # default ingest.reader_niceness: readers run ahead (bounded), actors' torch threads first
 
@@ -35,6 +37,7 @@ class ChunkSpec:
     overlap: int
     max_file_bytes: int
     niceness: int = READER_NICENESS
+    max_seq_length: int = 256  # model.max_seq_length: the chunks' input ids are cut there
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Prepared:
     digest: str = ""
     kind: str = ""
     chunks: Optional[list[Chunk]] = None
+    tokens: Optional[TokenBatch] = None  # each chunk's model input ids (special tokens added)
     skip: Optional[tuple[str, str]] = None  # (reason, detail)
     same: bool = False
     seconds: float = 0.0
@@ -75,6 +79,18 @@ def tokenizer_for(model: str, allow_download: bool) -> Any:
     return tok
 
 
+def inputs_for(spec: ChunkSpec) -> InputSpec:
+    """How this model's chunks become input ids: its template's special tokens, its input length."""
+    from shoal.workers.embed import max_input_tokens
+
+    key = (spec.model, spec.allow_download, spec.max_seq_length)
+    got = _INPUTS.get(key)
+    if got is None:
+        tok = tokenizer_for(spec.model, spec.allow_download)
+        got = _INPUTS[key] = input_spec(tok, max_input_tokens(spec.model, spec.max_seq_length, spec.allow_download))
+    return got
+
+
 def prepare_files(files: Sequence[tuple[str, Optional[str]]], spec: ChunkSpec) -> list[Prepared]:
     """(path, sha256 already committed or None) each -> Prepared, in order. Never raises for one bad file."""
     out = []
@@ -88,8 +104,9 @@ def prepare_files(files: Sequence[tuple[str, Optional[str]]], spec: ChunkSpec) -
         if old_sha is not None and old_sha == digest:
             out.append(Prepared(path, digest, kind, same=True, seconds=time.perf_counter() - t0))
             continue
-        chunks = chunk_text(text, tokenizer_for(spec.model, spec.allow_download), spec.tokens, spec.overlap)
-        out.append(Prepared(path, digest, kind, chunks, seconds=time.perf_counter() - t0))
+        chunks, tokens = chunk_with_ids(text, tokenizer_for(spec.model, spec.allow_download), spec.tokens,
+                                        spec.overlap, inputs_for(spec))
+        out.append(Prepared(path, digest, kind, chunks, tokens, seconds=time.perf_counter() - t0))
     return out
 
 

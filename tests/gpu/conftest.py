@@ -34,12 +34,24 @@ def model_name() -> str:
     return os.environ.get("SHOAL_GPU_MODEL", "all-MiniLM-L6-v2")
 
 
+WORDS = ("flow boundary layer pressure wing shock heat transfer supersonic plate cylinder "
+         "velocity turbulent laminar jet nozzle temperature surface number reynolds mach "
+         "theory results experimental measured distribution solution equations method the "
+         "of and in a is for on with at by from this that are were be an which").split()
+
+
+def seeded_passages(n: int, lo: int, hi: int, seed: int) -> list[str]:
+    rs = random.Random(seed)
+    return [" ".join(rs.choice(WORDS) for _ in range(rs.randint(lo, hi))) for _ in range(n)]
+
+
 @pytest.fixture(scope="session")
 def texts() -> list[str]:
     """2,048 seeded passages of 120-200 words: chunk-sized inputs like an ingest's."""
-    rs = random.Random(1234)
-    words = ("flow boundary layer pressure wing shock heat transfer supersonic plate cylinder "
-             "velocity turbulent laminar jet nozzle temperature surface number reynolds mach "
-             "theory results experimental measured distribution solution equations method the "
-             "of and in a is for on with at by from this that are were be an which").split()
-    return [" ".join(rs.choice(words) for _ in range(rs.randint(120, 200))) for _ in range(2048)]
+    return seeded_passages(2048, 120, 200, 1234)
+
+
+@pytest.fixture(scope="session")
+def passages() -> list[str]:
+    """4,096 seeded passages of 120-250 words: the side-by-side speed check's input."""
+    return seeded_passages(4096, 120, 250, 4096)

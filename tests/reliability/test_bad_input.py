@@ -11,7 +11,7 @@ import yaml
 from shoal.cluster.catalog import Catalog
 from shoal.cluster.config import Config
 from shoal.cluster.ingest import ingest
-from shoal.cluster.scan import SkipFile, read_text, walk
+from shoal.workers.scan import SkipFile, read_text, walk
 
 
 def test_hostile_files_end_indexed_or_skipped(tmp_path, test_cfg, ray_local):

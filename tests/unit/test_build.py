@@ -14,7 +14,7 @@ import pytest
 
 from shoal.cluster.build import build_generation, choose_mode
 from shoal.cluster.catalog import Catalog, FileBatch
-from shoal.cluster.chunking import Chunk
+from shoal.workers.chunking import Chunk
 from shoal.cluster.config import Config, GpuSpec
 from shoal.cluster.tune import recall_at_k, tune
 from shoal.index import generations, staging

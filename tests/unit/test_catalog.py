@@ -2,9 +2,9 @@
 import pytest
 
 from shoal.cluster.catalog import Catalog, FileBatch
-from shoal.cluster.chunking import Chunk
+from shoal.workers.chunking import Chunk
 from shoal.index.errors import CorruptFileError
-from shoal.cluster.scan import Skipped
+from shoal.workers.scan import Skipped
 
 
 def fb(path, n, sha="h"):

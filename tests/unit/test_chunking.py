@@ -1,6 +1,6 @@
 import pytest
 
-from shoal.cluster.chunking import chunk_text, token_windows
+from shoal.workers.chunking import chunk_text, token_windows
 
 
 def test_windows_cover_everything_with_overlap():

@@ -57,6 +57,9 @@ def test_tasks_return_in_submission_order_what_the_driver_reads(files, ray_local
     for x, y in zip(a, b):
         assert (x.path, x.digest, x.kind, x.skip, x.same) == (y.path, y.digest, y.kind, y.skip, y.same)
         assert x.chunks == y.chunks
+        if x.chunks:  # each chunk's input ids travel with it, [CLS] ... [SEP]
+            assert len(y.tokens) == len(y.chunks) and (x.tokens.ids == y.tokens.ids).all()
+            assert (y.tokens.ids[y.tokens.offsets[:-1]] == 101).all()
     pdfs = [x for x in b if x.path.endswith("0.pdf") or x.path.endswith("5.pdf")]
     assert len(pdfs) == 8 and all(x.chunks and x.kind == "pdf" for x in pdfs)
     skipped = {x.path.rsplit("/", 1)[1]: x.skip[0] for x in b if x.skip}

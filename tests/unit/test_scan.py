@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from shoal.cluster.scan import FileEntry, SkipFile, Skipped, html_to_text, read_text, walk
+from shoal.workers.scan import FileEntry, SkipFile, Skipped, html_to_text, read_text, walk
 
 
 def make_pdf(text: str) -> bytes:

@@ -13,10 +13,11 @@ import hashlib
 import html.parser
 import io
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Union
 
 SNIFF_BYTES = 8192
 
@@ -75,8 +76,14 @@ def file_kind(path: str) -> str:
     return "text"
 
 
-def _ignored(name: str, rel: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) for p in patterns)
+def ignore_matcher(patterns: Iterable[str]) -> Callable[[str, str], bool]:
+    """``ignored(name, rel)``: does an ignore glob match the entry's name or its path below the root?
+    One compiled regex for every glob (fnmatch's own translation), not a fnmatch call per glob."""
+    pats = tuple(patterns)
+    if not pats:
+        return lambda name, rel: False
+    match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in pats)).match
+    return lambda name, rel: match(name) is not None or match(rel) is not None
 
 
 def _within(path: str, roots: Iterable[str]) -> bool:
@@ -97,7 +104,7 @@ def walk(
     indexed only when its target lies inside one of the roots.
     """
     roots = [os.path.realpath(r) for r in roots]
-    patterns = tuple(ignore)
+    ignored = ignore_matcher(ignore)
     excluded = {os.path.realpath(d) for d in exclude_dirs}
     for root in roots:
         if not os.path.isdir(root):
@@ -114,8 +121,8 @@ def walk(
                 continue
             for e in entries:
                 path = e.path
-                rel = os.path.relpath(path, root)
-                if _ignored(e.name, rel, patterns):
+                rel = path[len(root.rstrip(os.sep)) + 1:]  # scandir joins d and the name: path lies under root
+                if ignored(e.name, rel):
                     continue  # ignore globs are the user's wish, not a problem to list
                 try:
                     if e.is_symlink():
