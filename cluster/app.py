@@ -15,14 +15,14 @@ import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import faiss
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -31,7 +31,8 @@ from shoal.cluster.query import (MAX_K, MAX_NPROBE, MAX_QUERY_CHARS, NOT_BLANK, 
                            Mode, QueryCore, QueryError, SearchOptions, SearchRequest, Unavailable, field_errors)
 from shoal.index.errors import ShoalError
 from shoal.workers.datanode import DataNode, data_node_resources
-from shoal.workers.serving import QueryEncoder, Reranker, ShardSearcher, gather_groups, percentiles
+from shoal.workers.serving import (BatchedEncoder, GroupHealth, QueryEncoder, Reranker, ShardSearcher, bounded,
+                                   gather_groups, percentiles, probe_groups)
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,18 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+class GroupState(BaseModel):
+    group: int
+    state: Literal["up", "down"]
+    since: float = Field(description="when it entered this state (Unix time)")
+    for_s: float = Field(description="seconds in this state")
+    reason: str = Field("", description="why it was marked down")
+
+
 class UnavailableBody(BaseModel):
     detail: str
     missing_shards: list[int] = []
+    shard_groups: list[GroupState] = []
 
 
 class Answered(BaseModel):
@@ -82,6 +92,7 @@ class BatchResponse(Answered):
 class Health(BaseModel):
     status: str
     generation: Optional[str]
+    shard_groups: list[GroupState] = []
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -98,31 +109,71 @@ def error(status: int, detail: Any, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status)
 
 
+OPEN_PATHS = ("/healthz", "/docs", "/openapi.json")  # answered without the bearer token
+
+
+class Guard:
+    """The bearer token (serve.token), the body limit (serve.max_body_bytes) and the Allow header of a 405,
+    as plain ASGI middleware: Starlette's @app.middleware("http") runs each request through a task group
+    and memory streams, a cost paid on every query."""
+
+    def __init__(self, app: Any, state: Any, openapi: Any) -> None:
+        self.app, self.state, self.openapi = app, state, openapi
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        token, limit = self.state.token, self.state.max_body_bytes
+        if token and scope["path"] not in OPEN_PATHS:
+            if not hmac.compare_digest(headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
+                return await error(401, "missing or wrong bearer token")(scope, receive, send)
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            size = headers.get("content-length")
+            if size is not None and (not size.isdigit() or int(size) > limit):
+                return await error(413, f"request body over {limit} bytes")(scope, receive, send)
+            if size is None:  # chunked: read it all (at most the limit + 1), then hand it on
+                body, more = b"", True
+                while more and len(body) <= limit:
+                    msg = await receive()
+                    body += msg.get("body", b"")
+                    more = msg.get("more_body", False)
+                if len(body) > limit:
+                    return await error(413, f"request body over {limit} bytes")(scope, receive, send)
+                receive = _replay(body)
+
+        async def send_allow(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.start" and msg["status"] == 405:
+                documented = self.openapi()["paths"].get(scope["path"], {})
+                if documented:  # Starlette names only the first route's methods; a path may have more
+                    allow = ", ".join(sorted(m.upper() for m in documented)).encode()
+                    msg["headers"] = [(k, v) for k, v in msg.get("headers", []) if k.lower() != b"allow"] + \
+                        [(b"allow", allow)]
+            await send(msg)
+
+        await self.app(scope, receive, send_allow)
+
+
+def _replay(body: bytes) -> Any:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
 def make_api() -> FastAPI:
     """The FastAPI app; its token and body limit live in ``api.state`` (set by the Ingress replica)."""
     api = FastAPI(title="shoal", description="Semantic search over files", version="0.1.0")
     api.state.token = None
     api.state.max_body_bytes = 1 << 20
 
-    @api.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        token, max_body_bytes = api.state.token, api.state.max_body_bytes
-        if token and request.url.path not in ("/healthz", "/docs", "/openapi.json"):
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-                return error(401, "missing or wrong bearer token")
-        if request.method in ("POST", "PUT", "PATCH"):
-            size = request.headers.get("content-length")
-            if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
-                return error(413, f"request body over {max_body_bytes} bytes")
-            if size is None and len(await request.body()) > max_body_bytes:
-                return error(413, f"request body over {max_body_bytes} bytes")
-        response = await call_next(request)
-        if response.status_code == 405:  # Starlette names only the first route's methods; a path may have more
-            documented = api.openapi()["paths"].get(request.url.path, {})
-            if documented:
-                response.headers["allow"] = ", ".join(sorted(m.upper() for m in documented))
-        return response
+    api.add_middleware(Guard, state=api.state, openapi=lambda: api.openapi())
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -161,17 +212,20 @@ def build_app(args: AppArgs) -> Any:
     sv, m = cfg.serve, cfg.model
     groups, gpus_per_group = plan_groups(cfg)
     enc_device, enc_gpus = encoder_placement(sv.encoder_device, sv.encoder_gpu_fraction, _cluster_gpus())
+    in_ingress = encoder_in_ingress(sv.encoder, enc_device)
+    if in_ingress:
+        enc_gpus = 0.0
     gpus_per_group = searcher_gpus(gpus_per_group, enc_gpus)
     pin = data_node_resources()  # the node that holds the data dir
     datanode = DataNode.options(ray_actor_options={"num_cpus": sv.num_cpus_datanode, "resources": pin},
-                                max_ongoing_requests=max(64, sv.max_ongoing_requests)).bind(args.cfg)
-    encoder = QueryEncoder.options(
+                                max_ongoing_requests=max(64, sv.max_ongoing_requests)).bind(str(cfg.data_path))
+    batching = {"max_batch_size": sv.max_batch_size, "batch_wait_timeout_s": sv.batch_wait_timeout_s}
+    encoder = None if in_ingress else QueryEncoder.options(
         num_replicas=sv.encoder_replicas,
         ray_actor_options={"num_cpus": sv.num_cpus_encoder, "num_gpus": enc_gpus,
                            **({"resources": pin} if enc_device == "cpu" else {})},  # on CPU: beside the ingress
-        max_ongoing_requests=sv.max_ongoing_requests,
-        user_config={"max_batch_size": sv.max_batch_size, "batch_wait_timeout_s": sv.batch_wait_timeout_s},
-    ).bind(m.name, m.max_seq_length, enc_device, m.allow_download, 0)
+        max_ongoing_requests=sv.max_ongoing_requests, user_config=batching,
+    ).bind(m.name, m.max_seq_length, enc_device, m.allow_download, 0, m.query_runtime)
     searchers = [
         ShardSearcher.options(  # one group per GPU of the cluster: Serve puts each on a node that has one
             name=f"ShardSearcher{g}", num_replicas=sv.replicas_per_group,  # replicas spread over nodes (SPREAD)
@@ -186,9 +240,26 @@ def build_app(args: AppArgs) -> Any:
         sv.rerank_model, m.allow_download) if sv.rerank_model else None
     on_data_node = sv.ingress == "data_node"
     where = pin if on_data_node else {} if sv.ingress == "any" else {f"node:{sv.ingress}": 0.001}
-    return Ingress.options(ray_actor_options={"num_cpus": sv.num_cpus_ingress, **({"resources": where} if where else {})},
-                           max_ongoing_requests=sv.max_ongoing_requests).bind(
+    cpus = sv.num_cpus_ingress + (sv.num_cpus_encoder if in_ingress else 0.0)
+    # Ray sets OMP_NUM_THREADS=1 in a replica of under one CPU: the query's forward pass then runs on one
+    # core (ONNX Runtime 9 ms instead of 7 for one query here); it is short, give it the cores it asks for
+    threads = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(query_threads())}}} if in_ingress else {}
+    return Ingress.options(ray_actor_options={"num_cpus": cpus, **({"resources": where} if where else {}), **threads},
+                           max_ongoing_requests=sv.max_ongoing_requests, user_config=batching).bind(
         encoder, searchers, reranker, datanode, on_data_node, args.cfg)
+
+
+def query_threads() -> int:
+    """Threads for one query's forward pass: a few cores (more only add hand-off for so small a pass)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def encoder_in_ingress(mode: str, encoder_device: str) -> bool:
+    """serve.encoder: "ingress" or "deployment" as said; auto: inside the Ingress unless the encoder has a GPU
+    (a hop to a CPU encoder on the Ingress's own node buys nothing; to a card, the card's speed)."""
+    if mode == "auto":
+        return encoder_device == "cpu"
+    return mode == "ingress"
 
 
 def _cluster_gpus() -> float:
@@ -238,21 +309,30 @@ api = make_api()
 
 
 class ServeBackend:
-    """The query core's backend in the app: the QueryEncoder and the ShardSearcher deployments."""
+    """The query core's backend in the app: the encoder (in the Ingress, or the QueryEncoder deployment) and
+    the ShardSearcher deployments, whose health it tracks (:class:`GroupHealth`)."""
 
-    def __init__(self, encoder: DeploymentHandle, searchers: list[DeploymentHandle],
-                 reranker: Optional[DeploymentHandle], timeout_s: float) -> None:
+    def __init__(self, encoder: Any, searchers: list[DeploymentHandle], reranker: Optional[DeploymentHandle],
+                 timeout_s: float, probe_interval_s: float = 1.0, probe_timeout_s: float = 2.0) -> None:
         self.encoder, self.searchers, self.reranker, self.timeout_s = encoder, searchers, reranker, timeout_s
+        self.local = isinstance(encoder, BatchedEncoder)
+        self.health = GroupHealth(len(searchers))
+        self.probe_interval_s, self.probe_timeout_s = probe_interval_s, probe_timeout_s
+        self._probe: Optional[Any] = None
+        self.last_generation: Optional[str] = None
 
     def serving_generation(self) -> Optional[str]:
-        return None  # CURRENT: the searchers follow it
+        """The generation the groups answered from last (the keyword side starts there; the core asks again
+        where the vectors came from another one); None before any answer: CURRENT."""
+        return self.last_generation
 
     async def encode(self, queries: list[str]) -> np.ndarray:
-
-        from shoal.workers.serving import bounded
-
+        if self.local:  # concurrent single queries share one forward pass (@serve.batch in the Ingress)
+            if len(queries) == 1:
+                return np.asarray(await self.encoder.encode_one(queries[0]), dtype=np.float32)[None, :]
+            return await self.encoder.encode_many(queries)
         try:
-            if len(queries) == 1:  # concurrent single queries share one forward pass (@serve.batch)
+            if len(queries) == 1:
                 call = self.encoder.encode_one.remote(queries[0])
                 return np.asarray(await bounded(call, self.timeout_s), dtype=np.float32)[None, :]
             call = self.encoder.encode_many.remote(queries)
@@ -260,20 +340,47 @@ class ServeBackend:
         except Exception as e:  # noqa: BLE001 - a lost encoder replica is a 503, never a 500
             raise Unavailable(f"the query encoder did not answer: {type(e).__name__}: {str(e)[:200]}") from e
 
+    def watch(self) -> None:
+        """Start the probe that marks groups up again (once, on this replica's event loop)."""
+        if self._probe is None or self._probe.done():
+            import asyncio
+
+            calls = [lambda h=h: h.info.remote() for h in self.searchers]
+            self._probe = asyncio.ensure_future(probe_groups(self.health, calls, self.probe_interval_s,
+                                                             self.probe_timeout_s))
+
+    async def ask_groups(self, call: Any, timeout_s: float) -> tuple[dict[int, Any], list[int]]:
+        """``call(handle)`` on every group not marked down, together: ({group: answer}, groups missing).
+        A group that fails or times out is marked down; one already down is not asked (the probe asks)."""
+        self.watch()
+        down = set(self.health.down())
+        live = [g for g in range(len(self.searchers)) if g not in down]
+        got = await gather_groups([lambda h=self.searchers[g]: call(h) for g in live], timeout_s)
+        answers, missing = {}, sorted(down)
+        for g, r in zip(live, got):
+            if isinstance(r, BaseException):
+                self.health.mark_down(g, f"{type(r).__name__}: {str(r)[:200]}")
+                missing.append(g)
+            else:
+                answers[g] = r
+        return answers, sorted(missing)
+
     async def dense(self, xq: np.ndarray, k: int, opts: SearchOptions,
                     allowed: Optional[np.ndarray]) -> DenseResult:
-        results = await gather_groups([lambda h=h: h.search.remote(xq, k, opts.nprobe, allowed)
-                                       for h in self.searchers], self.timeout_s)
-        missing = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
-        if missing and (not opts.allow_partial or len(missing) == len(results)):
-            raise Unavailable(f"shard group(s) {missing} unavailable: {results[missing[0]]!s:.200}",
+        answers, missing = await self.ask_groups(lambda h: h.search.remote(xq, k, opts.nprobe, allowed), self.timeout_s)
+        if missing and (not opts.allow_partial or not answers):
+            raise Unavailable(f"shard group(s) {missing} unavailable: " +
+                              "; ".join(f"{g} {self.health.why(g)}" for g in missing),
                               missing_shards=missing)
-        ok = [r for r in results if not isinstance(r, BaseException)]
+        self.last_generation = sorted({g for _, _, g in answers.values()})[-1]
+        if len(answers) == 1:  # one group: its top-k is the answer
+            [(D, I, _)] = answers.values()
+            return DenseResult(D, I, self.last_generation, missing)
         heap = faiss.ResultHeap(len(xq), k, keep_max=True)
-        for D, I, _ in ok:
+        for D, I, _ in answers.values():
             heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
         heap.finalize()
-        return DenseResult(heap.D, heap.I, sorted({g for _, _, g in ok})[-1], missing)
+        return DenseResult(heap.D, heap.I, self.last_generation, missing)
 
     async def rerank(self, query: str, texts: list[str]) -> list[float]:
         assert self.reranker is not None  # the core refuses rerank without serve.rerank_model
@@ -287,20 +394,29 @@ def _snip(hits: list[Any], full: bool, chars: int) -> list[dict[str, Any]]:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, encoder: DeploymentHandle, searchers: list[DeploymentHandle],
+    def __init__(self, encoder: Optional[DeploymentHandle], searchers: list[DeploymentHandle],
                  reranker: Optional[DeploymentHandle], datanode: DeploymentHandle, on_data_node: bool,
                  cfg: dict[str, Any]) -> None:
         self.cfg = config_from_dict(cfg)
+        sv, m = self.cfg.serve, self.cfg.model
         self.searchers = searchers
-        self.encoder = encoder
+        # no QueryEncoder deployment (serve.encoder): the model lives here, no hop per query
+        self.encoder: Any = encoder if encoder is not None else BatchedEncoder(
+            m.name, m.max_seq_length, "cpu", m.allow_download, 0, m.query_runtime)
         self.datanode = datanode
-        api.state.token = self.cfg.serve.token or os.environ.get("SHOAL_TOKEN") or None
-        api.state.max_body_bytes = int(self.cfg.serve.max_body_bytes)
-        api.state.max_batch_queries = int(self.cfg.serve.max_batch_queries)
-        self.core = QueryCore(self.cfg, ServeBackend(encoder, searchers, reranker, self.cfg.serve.shard_timeout_s),
-                              remote=None if on_data_node else datanode)
+        api.state.token = sv.token or os.environ.get("SHOAL_TOKEN") or None
+        api.state.max_body_bytes = int(sv.max_body_bytes)
+        api.state.max_batch_queries = int(sv.max_batch_queries)
+        self.backend = ServeBackend(self.encoder, searchers, reranker, sv.shard_timeout_s, sv.probe_interval_s,
+                                    sv.probe_timeout_s)
+        self.core = QueryCore(self.cfg, self.backend, remote=None if on_data_node else datanode)
         self.latency_ms: deque[float] = deque(maxlen=5000)
         self.requests = 0
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """The in-Ingress encoder's batching changes without a redeploy (as the QueryEncoder's does)."""
+        if isinstance(self.encoder, BatchedEncoder):
+            self.encoder.configure(user_config.get("max_batch_size", 32), user_config.get("batch_wait_timeout_s", 0.0))
 
     def _done(self, t0: float) -> float:
         self.requests += 1
@@ -340,7 +456,7 @@ class Ingress:
                 "hits": _snip(ans.hits[0], req.full, self.cfg.query.snippet_chars), "ms": self._done(t0)}
         if ans.partial:
             body.update(partial=True, missing_shards=ans.missing)
-        return body
+        return JSONResponse(body)  # the body is SearchResponse already: no second validation pass
 
     @api.post("/search/batch", response_model=BatchResponse, responses=ERRORS,
               response_model_exclude_defaults=True)
@@ -356,38 +472,46 @@ class Ingress:
         if ans.partial:
             body.update(partial=True, missing_shards=ans.missing)
         body["ms"] = self._done(t0)
-        return body
+        return JSONResponse(body)
 
     @api.get("/healthz", response_model=Health, responses={503: ERRORS[503]})
     async def healthz(self) -> Any:
-        results = await gather_groups([lambda h=h: h.info.remote() for h in self.searchers],
-                                      min(10.0, self.cfg.serve.shard_timeout_s))
-        bad = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
-        if bad:
-            return error(503, f"shard group(s) {bad} not answering: {results[bad[0]]!s:.200}", missing_shards=bad)
+        """200 when every shard group, the catalog and the keyword index answer. A group already marked down
+        is reported at once (the probe asks it), not waited for."""
+        limit = min(10.0, self.cfg.serve.shard_timeout_s)
+        answers, missing = await self.backend.ask_groups(lambda h: h.info.remote(), limit)
+        groups = self.backend.health.report()
+        if missing:
+            return error(503, f"shard group(s) {missing} not answering: " +
+                         "; ".join(f"{g} {self.backend.health.why(g)}" for g in missing),
+                         missing_shards=missing, shard_groups=groups)
         try:  # the ingress path: the catalog and the live keyword index answer
-            from shoal.workers.serving import bounded
-
-            await bounded(self.core.data_health(), min(10.0, self.cfg.serve.shard_timeout_s))
+            await bounded(self.core.data_health(), limit)
         except Exception as e:  # noqa: BLE001
-            return error(503, f"the catalog or keyword index cannot answer: {type(e).__name__}: {str(e)[:200]}")
-        return {"status": "ok", "generation": sorted({r["generation"] for r in results})[-1]}
+            return error(503, f"the catalog or keyword index cannot answer: {type(e).__name__}: {str(e)[:200]}",
+                         shard_groups=groups)
+        return {"status": "ok", "generation": sorted({r["generation"] for r in answers.values()})[-1],
+                "shard_groups": groups}
 
     @api.get("/stats", responses={401: ERRORS[401]})
     async def stats(self) -> dict[str, Any]:
-        results = await gather_groups([lambda h=h: h.info.remote() for h in self.searchers], 10.0)
-        enc = await gather_groups([lambda: self.encoder.info.remote()], 10.0)
-        replicas = await gather_groups([lambda: self.datanode.replica_reports.remote()], 10.0)
-        groups = [r if not isinstance(r, BaseException) else {"group": i, "error": str(r)[:200]}
-                  for i, r in enumerate(results)]
+        answers, _ = await self.backend.ask_groups(lambda h: h.info.remote(), min(10.0, self.cfg.serve.shard_timeout_s))
+        health = self.backend.health.report()
+        if self.backend.local:
+            enc: Any = {"where": "ingress", **self.encoder.info()}
+        else:
+            [enc] = await gather_groups([lambda: self.encoder.info.remote()], 10.0)
+            enc = enc if not isinstance(enc, BaseException) else {"error": str(enc)[:200]}
+        [replicas] = await gather_groups([lambda: self.datanode.replica_reports.remote()], 10.0)
+        groups = [{**answers[g], "health": health[g]} if g in answers else {"group": g, "health": health[g]}
+                  for g in range(len(self.searchers))]
         gens = sorted({g["generation"] for g in groups if "generation" in g})
         counts = await self.core.counts()
         from shoal.workers.datanode import where
 
         return {"generation": gens[-1] if gens else None, "shard_groups": groups,
                 "ingress": {**where(), "reads_catalog": "through DataNode" if self.core.remote else "here"},
-                "encoder": enc[0] if not isinstance(enc[0], BaseException) else {"error": str(enc[0])[:200]},
-                "replicas": replicas[0] if not isinstance(replicas[0], BaseException) else [],
+                "encoder": enc, "replicas": replicas if not isinstance(replicas, BaseException) else [],
                 "catalog": counts, "requests": self.requests, "latency_ms": percentiles(list(self.latency_ms)),
                 "stages_ms": self.core.stage_percentiles()}
 

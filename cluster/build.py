@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 import psutil
 
-from shoal.cluster.catalog import Catalog
+from shoal.workers.catalog import Catalog
 from shoal.cluster.config import Config
 from shoal.index.errors import CorruptFileError, ShoalError
 from shoal.index import generations, staging

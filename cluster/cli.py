@@ -162,7 +162,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace, retrain: bool = False) -> int:
     from shoal.cluster.build import build_generation
-    from shoal.cluster.catalog import Catalog
+    from shoal.workers.catalog import Catalog
     from shoal.cluster.ingest import data_dir_lock
     from shoal.index import generations
 
@@ -296,7 +296,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def status_dict(cfg: Config) -> dict[str, Any]:
     import faiss
 
-    from shoal.cluster.catalog import Catalog
+    from shoal.workers.catalog import Catalog
     from shoal.index import generations
 
     data = cfg.data_path

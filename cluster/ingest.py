@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from shoal.cluster.catalog import Catalog, FileBatch, FileRow
+from shoal.workers.catalog import Catalog, FileBatch, FileRow
 from shoal.cluster.config import Config
 from shoal.index import generations, layout, staging
 from shoal.index.errors import IndexMismatchError, ShoalError

@@ -12,23 +12,21 @@ HTTP ingress only ever awaits.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal, Optional, Protocol, Sequence
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from shoal.cluster.config import Config
-from shoal.index.errors import ShoalError
-from shoal.index import layout
+from shoal.index.errors import Conflict, QueryError, ShoalError, Unavailable  # noqa: F401 - the core's errors
+from shoal.workers.catalog import CatalogReader, Hit
 
 MAX_K = 1000
 MAX_QUERY_CHARS = 4096
 MAX_NPROBE = 65536
-ROOTS_TTL_S = 5.0  # the ingested roots change only when an ingest commits; a removed root's chunks leave the catalog
 FileType = Literal["text", "markdown", "rst", "code", "data", "html", "pdf"]
 Mode = Literal["dense", "keyword", "hybrid"]
 
@@ -106,30 +104,6 @@ def field_errors(e: ValidationError) -> list[dict[str, str]]:
              "msg": err.get("msg", ""), "type": err.get("type", "")} for err in e.errors()]
 
 
-# -- errors with an HTTP status: the CLI prints them (exit 2), the app returns them ---------------
-class QueryError(ShoalError):
-    """A query that cannot be answered as asked; ``status`` is its HTTP status."""
-
-    status = 422
-
-    def __init__(self, detail: Any, **extra: Any) -> None:
-        super().__init__(detail if isinstance(detail, str) else "; ".join(
-            f"{d['field']}: {d['msg']}" if d.get("field") else d["msg"] for d in detail))
-        self.detail, self.extra = detail, extra
-
-
-class Conflict(QueryError):
-    """The index or the configuration cannot do this (no keyword index, re-ranking off)."""
-
-    status = 409
-
-
-class Unavailable(QueryError):
-    """No generation yet, or shard groups down."""
-
-    status = 503
-
-
 def validate(queries: Sequence[str], **opts: Any) -> BatchRequest:
     """The request model, from plain arguments (the CLI and the evaluator); QueryError names the field."""
     try:
@@ -139,31 +113,6 @@ def validate(queries: Sequence[str], **opts: Any) -> BatchRequest:
 
 
 # -- results ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Hit:
-    rank: int
-    score: float
-    id: int
-    path: str
-    kind: str
-    start: int
-    end: int
-    text: str
-    first_stage_score: Optional[float] = None
-
-    def snippet(self, chars: int = 200) -> str:
-        flat = " ".join(self.text.split())
-        return flat if len(flat) <= chars else flat[:chars].rstrip() + "…"
-
-    def as_dict(self, snippet_chars: Optional[int] = 200) -> dict[str, Any]:
-        d = asdict(self)
-        if d["first_stage_score"] is None:
-            del d["first_stage_score"]
-        if snippet_chars is not None:
-            d["text"] = self.snippet(snippet_chars)
-        return d
-
-
 @dataclass
 class DenseResult:
     """D, I of size (nq, k) merged over the shard groups that answered; the generation; groups missing."""
@@ -202,6 +151,59 @@ class Backend(Protocol):
 
 
 # -- the core --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """How many candidates a request needs: ``want`` hits (more where a re-ranker re-scores them), ``fetch``
+    from the fused list (ids the catalog dropped are skipped), ``side`` from each side before fusing."""
+
+    mode: str
+    want: int
+    fetch: int
+    side: int
+
+    @classmethod
+    def of(cls, opts: SearchOptions, cfg: Config) -> "Plan":
+        mode = opts.mode or cfg.query.mode
+        want = max(opts.k, cfg.serve.rerank_candidates) if opts.rerank else opts.k
+        fetch = want + 16
+        return cls(mode, want, fetch, max(fetch, cfg.query.fusion_candidates) if mode == "hybrid" else fetch)
+
+
+OVERLAPPED = ("keyword_search",)  # stages that run beside others: not part of a request's sum
+
+
+class StageTimes:
+    """Where queries' time goes (/stats): the last 2,000 of each stage, and running sums of every stage and
+    of the whole (``total``), so that the sequential stages can be checked to add up."""
+
+    def __init__(self) -> None:
+        self.recent: dict[str, deque[float]] = {}
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def record(self, stage: str, ms: float) -> None:
+        self.recent.setdefault(stage, deque(maxlen=2000)).append(ms)
+        self.sums[stage] = self.sums.get(stage, 0.0) + ms
+        self.counts[stage] = self.counts.get(stage, 0) + 1
+
+
+class Clock:
+    """A request's time cut into stages that follow each other: ``clock("dense")`` books the time since the
+    last mark; ``clock.done()`` books the whole as ``total``. The stages of one request add up to it."""
+
+    def __init__(self, times: StageTimes) -> None:
+        self.times, self.t0 = times, time.perf_counter()
+        self.t = self.t0
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.times.record(stage, (now - self.t) * 1000)
+        self.t = now
+
+    def done(self) -> None:
+        self.times.record("total", (time.perf_counter() - self.t0) * 1000)
+
+
 class QueryCore:
     """validate -> encode -> dense / keyword / hybrid -> fuse -> filter -> hits, for any Backend.
 
@@ -214,23 +216,22 @@ class QueryCore:
         runs it inline, where a fresh thread per call would only rebuild torch's and FAISS's thread teams.
         ``remote``: a handle to the DataNode deployment, for a core that is not on the data node."""
         self.cfg, self.backend, self.offload, self.remote = cfg, backend, offload, remote
-        self.reader = CatalogReader(cfg)
-        self.stage_ms: dict[str, deque[float]] = {}  # where a query's time goes, hop by hop (/stats)
-
-    def _took(self, stage: str, t0: float) -> float:
-        now = time.perf_counter()
-        self.stage_ms.setdefault(stage, deque(maxlen=2000)).append((now - t0) * 1000)
-        return now
+        self.reader = CatalogReader(cfg.data_path)
+        self.stages = StageTimes()  # where a query's time goes, hop by hop (/stats)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args) if self.offload else fn(*args)
 
-    def stage_percentiles(self) -> dict[str, dict[str, float]]:
-        out = {}
-        for stage, d in self.stage_ms.items():
+    def stage_percentiles(self) -> dict[str, dict[str, Any]]:
+        """Per stage: p50/p99/mean of the last 2,000, the running sum (ms) and count, and whether it overlaps
+        others."""
+        out: dict[str, dict[str, Any]] = {}
+        for stage, d in self.stages.recent.items():
             a = np.asarray(d)
             out[stage] = {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
-                          "n": int(len(a))}
+                          "mean": round(float(a.mean()), 3), "n": int(len(a)),
+                          "sum_ms": round(self.stages.sums[stage], 3), "count": self.stages.counts[stage],
+                          "overlapped": stage in OVERLAPPED}
         return out
 
     # the catalog and the keyword index: read here (on the data node) or through the DataNode deployment
@@ -269,58 +270,86 @@ class QueryCore:
 
     # the path
     async def search(self, queries: list[str], opts: SearchOptions) -> Answer:
-        """Hits for already validated queries (a SearchRequest/BatchRequest did that)."""
-        from shoal.index.fusion import fuse
-
-        q = self.cfg.query
-        mode = opts.mode or q.mode
+        """Hits for already validated queries (a SearchRequest/BatchRequest did that):
+        filter -> (encode -> dense) beside keyword -> fuse -> catalog -> re-rank."""
         if opts.rerank and not self.cfg.serve.rerank_model:
             from shoal.workers.rerank import RERANK_OFF
 
             raise Conflict(RERANK_OFF)
-        t = time.perf_counter()
+        clock = Clock(self.stages)
+        plan = Plan.of(opts, self.cfg)
         allowed = None
         if opts.path_prefix or opts.file_type:
             allowed = await self._ids_matching(opts.path_prefix or None, opts.file_type)
-            t = self._took("filter", t)
-        want = max(opts.k, self.cfg.serve.rerank_candidates) if opts.rerank else opts.k
-        fetch = want + 16  # ids the catalog no longer knows are dropped below
-        side = max(fetch, q.fusion_candidates) if mode == "hybrid" else fetch
+            clock("filter")
+        dense, kw, mode = await self._sides(queries, opts, plan, allowed, clock)
+        D, I = await self._fused(dense, kw, plan, allowed, clock)
+        hits = await self._hits(D, I, plan.want)
+        clock("catalog")
+        if opts.rerank:
+            hits = [await self._rerank(qq, hs) for qq, hs in zip(queries, hits)]
+            clock("rerank")
+        generation = dense.generation if dense is not None else kw[2] if kw is not None else None
+        clock.done()
+        return Answer([hs[:opts.k] for hs in hits], mode, generation, dense.missing if dense else [])
+
+    async def _sides(self, queries: list[str], opts: SearchOptions, plan: "Plan", allowed: Optional[np.ndarray],
+                     clock: "Clock") -> tuple[Optional[DenseResult], Optional[tuple[np.ndarray, np.ndarray, str]], str]:
+        """The dense side (encode, then the shard groups) and the keyword side, at the same time: the
+        keyword search runs while the query is encoded and the groups answer. The keyword side must come from
+        the generation the vectors came from: where a switch came between the two, it is asked again."""
+        mode = plan.mode
+        guess = self.backend.serving_generation()
+        kw_task = asyncio.ensure_future(self._keyword_timed(guess, queries, plan.side)) if mode != "dense" else None
         dense: Optional[DenseResult] = None
-        if mode != "keyword":
-            xq = await self.backend.encode(queries)
-            t = self._took("encode", t)
-            dense = await self.backend.dense(xq, side, opts, allowed)
-            t = self._took("dense", t)
+        try:
+            if mode != "keyword":
+                xq = await self.backend.encode(queries)
+                clock("encode")
+                dense = await self.backend.dense(xq, plan.side, opts, allowed)
+                clock("dense")
+        except BaseException:
+            if kw_task is not None:
+                kw_task.cancel()
+            raise
         kw = None
-        kw_generation = None
-        if mode != "dense":  # the keyword index of the generation the vectors came from
-            gen = dense.generation if dense is not None else self.backend.serving_generation()
-            kw = await self._keyword(gen, queries, side)
+        if kw_task is not None:
+            kw = await kw_task
+            if kw is not None and dense is not None and kw[2] != dense.generation:
+                kw = await self._keyword_timed(dense.generation, queries, plan.side)
+            clock("keyword")  # what the keyword side added after the dense one (its own time: keyword_search)
             if kw is None:
                 if mode == "keyword":
                     raise Conflict("this generation has no keyword index (index.keyword is false)")
                 mode = "dense"  # hybrid without a keyword index: the dense side alone
-        if kw is not None:
-            Dk, Ik, kw_generation = kw
-            t = self._took("keyword", t)
-            if allowed is not None:
-                Ik = np.where(np.isin(Ik, allowed), Ik, -1)
-            if dense is None:
-                D, I = Dk, Ik
-            else:
-                D, I = await self._run(fuse, (dense.D, dense.I), (Dk, Ik), fetch, q)
-                t = self._took("fuse", t)
-        else:
+        return dense, kw, mode
+
+    async def _keyword_timed(self, generation: Optional[str], queries: list[str],
+                             n: int) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
+        t0 = time.perf_counter()
+        try:
+            return await self._keyword(generation, queries, n)
+        finally:
+            self.stages.record("keyword_search", (time.perf_counter() - t0) * 1000)
+
+    async def _fused(self, dense: Optional[DenseResult], kw: Optional[tuple[np.ndarray, np.ndarray, str]],
+                     plan: "Plan", allowed: Optional[np.ndarray], clock: "Clock") -> tuple[np.ndarray, np.ndarray]:
+        """D, I of the answer before the catalog: one side, or both fused (inline for a few queries: it is
+        microseconds of numpy, less than a thread hop)."""
+        from shoal.index.fusion import fuse
+
+        if kw is None:
             assert dense is not None
-            D, I = dense.D, dense.I
-        hits = await self._hits(D, I, want)
-        t = self._took("catalog", t)
-        if opts.rerank:
-            hits = [await self._rerank(qq, hs) for qq, hs in zip(queries, hits)]
-            self._took("rerank", t)
-        generation = dense.generation if dense is not None else kw_generation
-        return Answer([hs[:opts.k] for hs in hits], mode, generation, dense.missing if dense else [])
+            return dense.D, dense.I
+        Dk, Ik, _ = kw
+        if allowed is not None:
+            Ik = np.where(np.isin(Ik, allowed), Ik, -1)
+        if dense is None:
+            return Dk, Ik
+        args = ((dense.D, dense.I), (Dk, Ik), plan.fetch, self.cfg.query)
+        D, I = fuse(*args) if len(Dk) <= 8 else await self._run(fuse, *args)
+        clock("fuse")
+        return D, I
 
     async def _rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
         from shoal.workers.rerank import rerank_order
@@ -335,98 +364,3 @@ class QueryCore:
 
     def close(self) -> None:
         self.reader.close()
-
-
-class CatalogReader:
-    """Reads catalog.sqlite and the keyword index of a generation; lives on the data node only.
-
-    SQLite never goes over a network filesystem: a core elsewhere reaches this
-    through the DataNode deployment. One lock keeps the catalog connection to
-    one user at a time.
-    """
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self._catalog: Any = None
-        self._db_lock = threading.Lock()
-        self._kw: Optional[tuple[str, Any]] = None
-        self._kw_lock = threading.Lock()
-        self._roots: tuple[float, tuple[str, ...]] = (0.0, ())
-
-    def catalog(self) -> Any:
-        from shoal.cluster.catalog import Catalog
-
-        if self._catalog is None:
-            self._catalog = Catalog(layout.catalog(self.cfg.data_path), readonly=True)
-        return self._catalog
-
-    def _db(self, fn: str, *args: Any) -> Any:
-        with self._db_lock:
-            return getattr(self.catalog(), fn)(*args)
-
-    def ids_matching(self, prefix: Optional[str], types: Any) -> np.ndarray:
-        return self._db("ids_matching", prefix, types)
-
-    def counts(self) -> dict[str, Any]:
-        return self._db("counts")
-
-    def keyword_index(self, generation: Optional[str]) -> Any:
-        """The BM25 index of ``generation`` (or CURRENT), with the analysis it was built with; None if it has none."""
-        from shoal.index import generations
-        from shoal.index.keyword import KeywordIndex
-
-        name = generation or generations.current_name(self.cfg.data_path)
-        if name is None:
-            raise Unavailable("no index generation yet: run `shoal ingest` first")
-        with self._kw_lock:
-            if self._kw is None or self._kw[0] != name:
-                gen_dir = generations.generations_dir(self.cfg.data_path) / name
-                kw = KeywordIndex.open(gen_dir, generations.read_manifest(gen_dir)) \
-                    if KeywordIndex.exists(gen_dir) else None
-                self._kw = (name, kw)
-            return self._kw
-
-    def keyword_search(self, generation: Optional[str], queries: list[str],
-                       n: int) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
-        """(D, I, generation) of the keyword index, or None where the generation has none."""
-        name, kw = self.keyword_index(generation)
-        if kw is None:
-            return None
-        D, I = kw.search(queries, n)
-        return D, I, name
-
-    def health(self) -> dict[str, Any]:
-        """The catalog answers (one indexed row, not a count) and the live generation's keyword index
-        (if it has one) opens."""
-        with self._db_lock:
-            self.catalog().db.execute("SELECT id FROM chunks ORDER BY id LIMIT 1").fetchall()
-        name, kw = self.keyword_index(None)
-        return {"generation": name, "keyword": kw is not None}
-
-    def hits(self, D: np.ndarray, I: np.ndarray, n: int) -> list[list[Hit]]:
-        """Ids -> catalog rows, best first, at most n per query. Ids no longer in the catalog are
-        dropped, and so is anything outside the ingested roots: no path outside them is ever served."""
-        with self._db_lock:
-            cat = self.catalog()
-            rows = cat.lookup(np.unique(I[I >= 0]).tolist())
-            if time.monotonic() - self._roots[0] > ROOTS_TTL_S:  # a DISTINCT over files: not per query
-                self._roots = (time.monotonic(), tuple(r.rstrip("/") + "/" for r in cat.roots()))
-            roots = self._roots[1]
-        out = []
-        for drow, irow in zip(D, I):
-            hs: list[Hit] = []
-            for score, i in zip(drow, irow):
-                c = rows.get(int(i))
-                if c is None or not (c.path + "/").startswith(roots) and not c.path.startswith(roots):
-                    continue
-                hs.append(Hit(len(hs) + 1, float(score), c.id, c.path, c.kind, c.start, c.end, c.text))
-                if len(hs) == n:
-                    break
-            out.append(hs)
-        return out
-
-    def close(self) -> None:
-        if self._catalog is not None:
-            self._catalog.close()
-            self._catalog = None
-

@@ -35,13 +35,12 @@ class Searcher:
             self.index = LoadedGeneration(self.gen_dir, self.manifest, k_factor=cfg.index.refine_k_factor)
         except RuntimeError as e:
             raise CorruptFileError(f"cannot read the index in {self.gen_dir}: {str(e).splitlines()[-1]}") from e
-        if lm is None:
-            from shoal.workers.embed import load_model
+        from shoal.workers.query_model import load_query_model
 
-            m = cfg.model
-            lm = load_model(m.name, device=m.device, max_seq_length=m.max_seq_length,
-                            allow_download=m.allow_download)
-        self.lm = lm
+        m = cfg.model
+        self.qm = load_query_model(m.name, max_seq_length=m.max_seq_length, allow_download=m.allow_download,
+                                   runtime=m.query_runtime, device=m.device, lm=lm)
+        self.lm = lm = self.qm.lm
         want = self.manifest["model"]["fingerprint"]
         if lm.fingerprint != want:
             raise IndexMismatchError(
@@ -95,9 +94,7 @@ class Searcher:
 
     # -- the API the CLI and the evaluator use ---------------------------------------------------
     def embed(self, queries: Sequence[str]) -> np.ndarray:
-        from shoal.workers.embed import encode
-
-        return encode(list(queries), self.lm, self.cfg.model.batch_size)
+        return self.qm.encode(list(queries), self.cfg.model.batch_size)
 
     def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None,
                mode: Optional[str] = None, rerank: bool = False, path_prefix: Optional[str] = None,

@@ -15,7 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from shoal.cluster.catalog import Catalog
+from shoal.workers.catalog import Catalog
 from shoal.cluster.config import Config
 from shoal.index.errors import ShoalError
 from shoal.index import generations, staging

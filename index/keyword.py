@@ -207,7 +207,10 @@ class Segment:
         for name in SEG_FILES:
             path = folder / f"{name}.npy"
             try:
-                arrays[name] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+                a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+                # a plain ndarray over the same mapping: slicing a np.memmap builds a memmap per slice
+                # (__array_finalize__), a cost paid per posting list per query
+                arrays[name] = np.asarray(a) if mmap else a
             except (ValueError, OSError, EOFError) as e:
                 raise CorruptFileError(f"keyword segment file {path} is damaged or missing: {e}") from e
         seg = cls(**arrays)

@@ -32,7 +32,7 @@ def parse_count(s: str) -> int:
 
 
 def build(path: Path, n_chunks: int, per_file: int = 10, folders: int = 100) -> float:
-    from shoal.cluster.catalog import Catalog
+    from shoal.workers.catalog import Catalog
 
     t0 = time.perf_counter()
     Catalog(path).close()  # the schema (and its indexes) as shoal creates it
@@ -83,7 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     from dataclasses import replace
 
-    from shoal.cluster.catalog import Catalog
+    from shoal.workers.catalog import Catalog
     from shoal.cluster.cli import status_dict
     from shoal.cluster.config import Config
 

@@ -122,7 +122,7 @@ def watch():  # RssAnon (heap, not the mapped .ivfdata pages VmHWM also counts),
         time.sleep(0.02)
 threading.Thread(target=watch, daemon=True).start()
 from shoal.cluster.config import load_config
-from shoal.cluster.catalog import Catalog
+from shoal.workers.catalog import Catalog
 from shoal.cluster.build import build_generation
 cfg = load_config(sys.argv[1])
 t0 = time.perf_counter()
@@ -165,7 +165,7 @@ def write_staged(data: Path, n: int, d: int, dtype: str, part_rows: int = 262_14
     """A data dir whose catalog holds n chunk rows (ids 1..n) and whose staging holds their vectors."""
     import sqlite3
 
-    from shoal.cluster.catalog import Catalog
+    from shoal.workers.catalog import Catalog
     from shoal.index import staging
 
     t0 = time.perf_counter()

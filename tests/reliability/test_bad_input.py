@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shoal.cluster.catalog import Catalog
+from shoal.workers.catalog import Catalog
 from shoal.cluster.config import Config
 from shoal.cluster.ingest import ingest
 from shoal.workers.scan import SkipFile, read_text, walk

@@ -86,7 +86,7 @@ def test_cli_reports_corruption_with_exit_2(cfg):
 
 
 def test_pickled_vector_part_is_refused(cfg):
-    from shoal.cluster.catalog import Catalog
+    from shoal.workers.catalog import Catalog
     from shoal.index import staging
 
     with Catalog(cfg.data_path / "catalog.sqlite") as cat:
@@ -126,7 +126,7 @@ def test_failed_build_keeps_serving_searcher_unchanged(cfg, lm):
     from dataclasses import replace
 
     from shoal.cluster.build import build_generation
-    from shoal.cluster.catalog import Catalog
+    from shoal.workers.catalog import Catalog
 
     before = generations.current_name(cfg.data_path)
     bad = replace(cfg, index=replace(cfg.index, factory="IVF100000,Flat"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from shoal.cluster.build import build_generation, choose_mode
-from shoal.cluster.catalog import Catalog, FileBatch
+from shoal.workers.catalog import Catalog, FileBatch
 from shoal.workers.chunking import Chunk
 from shoal.cluster.config import Config, GpuSpec
 from shoal.cluster.tune import recall_at_k, tune
@@ -238,7 +238,7 @@ def test_killed_build_leaves_old_generation(filled, tmp_path):
         import sys; sys.path.insert(0, {str(os.getcwd())!r})
         from dataclasses import replace
         from shoal.cluster.config import Config
-        from shoal.cluster.catalog import Catalog
+        from shoal.workers.catalog import Catalog
         from shoal.cluster.build import build_generation
         cfg = Config(data_dir={str(cfg.data_path)!r})
         cfg = replace(cfg, index=replace(cfg.index, factory="IVF1024,Flat", train_sample_per_list=256))

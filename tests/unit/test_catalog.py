@@ -1,7 +1,7 @@
 
 import pytest
 
-from shoal.cluster.catalog import Catalog, FileBatch
+from shoal.workers.catalog import Catalog, FileBatch
 from shoal.workers.chunking import Chunk
 from shoal.index.errors import CorruptFileError
 from shoal.workers.scan import Skipped
@@ -84,7 +84,7 @@ def test_damaged_catalog_is_named(tmp_path):
 
 
 def test_path_prefix_filter_is_a_range_that_matches_exactly_the_prefix(tmp_path):
-    from shoal.cluster.catalog import prefix_upper_bound
+    from shoal.workers.catalog import prefix_upper_bound
 
     cat = Catalog(tmp_path / "c.sqlite")
     paths = ["/r/a", "/r/a%b", "/r/a_c", "/r/ab", "/r/b", "/r/é/x", "/r/éa", "/r/ê", "/r/\U0001F600/y", "/r0"]

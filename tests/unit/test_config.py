@@ -149,3 +149,30 @@ def test_local_yaml_is_the_built_in_default():
 
     local = load_config(Path(__file__).resolve().parents[2] / "configs" / "local.yaml")
     assert local == Config()
+
+
+def test_local_yaml_lists_every_key():
+    """configs/local.yaml lists every config key (the README says so): a key added to the config without
+    its line there fails here, naming it."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from shoal.cluster.config import Config
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "local.yaml").read_text())
+
+    def missing(cls: type, node: dict, prefix: str) -> list[str]:
+        out = []
+        for f in dataclasses.fields(cls):
+            key = prefix + f.name
+            if f.name not in node:
+                out.append(key)
+            elif dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING
+                                          else f.default):
+                sub = f.default_factory if f.default_factory is not dataclasses.MISSING else type(f.default)
+                out += missing(sub, node[f.name] or {}, key + ".")
+        return out
+
+    assert missing(Config, raw, "") == []

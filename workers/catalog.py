@@ -1,24 +1,30 @@
 """The SQLite catalog: files, chunks (chunk id = FAISS id), skipped files, runs, vector parts.
 
 WAL mode; every write is one transaction. Chunk ids come from
-``AUTOINCREMENT`` so an id is never reused, even after deletes.
+``AUTOINCREMENT`` so an id is never reused, even after deletes. The ingest
+driver writes it; :class:`CatalogReader` reads it (and the keyword index of a
+generation) for queries, on the data node only.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from shoal.index import layout
+from shoal.index.errors import CorruptFileError, ShoalError, Unavailable
 from shoal.workers.chunking import Chunk
-from shoal.index.errors import CorruptFileError, ShoalError
 from shoal.workers.scan import Skipped
+
+ROOTS_TTL_S = 5.0  # the ingested roots change only when an ingest commits; a removed root's chunks leave the catalog
 
 SCHEMA_VERSION = 1
 
@@ -417,3 +423,121 @@ class Catalog:
             if row is None or row[0] is None:
                 return out
             out.append(row[0])
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    id: int
+    path: str
+    kind: str
+    start: int
+    end: int
+    text: str
+    first_stage_score: Optional[float] = None
+
+    def snippet(self, chars: int = 200) -> str:
+        flat = " ".join(self.text.split())
+        return flat if len(flat) <= chars else flat[:chars].rstrip() + "…"
+
+    def as_dict(self, snippet_chars: Optional[int] = 200) -> dict[str, Any]:
+        d = asdict(self)
+        if d["first_stage_score"] is None:
+            del d["first_stage_score"]
+        if snippet_chars is not None:
+            d["text"] = self.snippet(snippet_chars)
+        return d
+
+
+class CatalogReader:
+    """Reads catalog.sqlite and the keyword index of a generation; lives on the data node only.
+
+    SQLite never goes over a network filesystem: a core elsewhere reaches this
+    through the DataNode deployment. One lock keeps the catalog connection to
+    one user at a time.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data = Path(data_dir)
+        self._catalog: Any = None
+        self._db_lock = threading.Lock()
+        self._kw: Optional[tuple[str, Any]] = None
+        self._kw_lock = threading.Lock()
+        self._roots: tuple[float, tuple[str, ...]] = (0.0, ())
+
+    def catalog(self) -> Any:
+        if self._catalog is None:
+            self._catalog = Catalog(layout.catalog(self.data), readonly=True)
+        return self._catalog
+
+    def _db(self, fn: str, *args: Any) -> Any:
+        with self._db_lock:
+            return getattr(self.catalog(), fn)(*args)
+
+    def ids_matching(self, prefix: Optional[str], types: Any) -> np.ndarray:
+        return self._db("ids_matching", prefix, types)
+
+    def counts(self) -> dict[str, Any]:
+        return self._db("counts")
+
+    def keyword_index(self, generation: Optional[str]) -> Any:
+        """The BM25 index of ``generation`` (or CURRENT), with the analysis it was built with; None if it has none."""
+        from shoal.index import generations
+        from shoal.index.keyword import KeywordIndex
+
+        name = generation or generations.current_name(self.data)
+        if name is None:
+            raise Unavailable("no index generation yet: run `shoal ingest` first")
+        with self._kw_lock:
+            if self._kw is None or self._kw[0] != name:
+                gen_dir = generations.generations_dir(self.data) / name
+                kw = KeywordIndex.open(gen_dir, generations.read_manifest(gen_dir)) \
+                    if KeywordIndex.exists(gen_dir) else None
+                self._kw = (name, kw)
+            return self._kw
+
+    def keyword_search(self, generation: Optional[str], queries: list[str],
+                       n: int) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
+        """(D, I, generation) of the keyword index, or None where the generation has none."""
+        name, kw = self.keyword_index(generation)
+        if kw is None:
+            return None
+        D, I = kw.search(queries, n)
+        return D, I, name
+
+    def health(self) -> dict[str, Any]:
+        """The catalog answers (one indexed row, not a count) and the live generation's keyword index
+        (if it has one) opens."""
+        with self._db_lock:
+            self.catalog().db.execute("SELECT id FROM chunks ORDER BY id LIMIT 1").fetchall()
+        name, kw = self.keyword_index(None)
+        return {"generation": name, "keyword": kw is not None}
+
+    def hits(self, D: np.ndarray, I: np.ndarray, n: int) -> list[list[Hit]]:
+        """Ids -> catalog rows, best first, at most n per query. Ids no longer in the catalog are
+        dropped, and so is anything outside the ingested roots: no path outside them is ever served."""
+        with self._db_lock:
+            cat = self.catalog()
+            rows = cat.lookup(np.unique(I[I >= 0]).tolist())
+            if time.monotonic() - self._roots[0] > ROOTS_TTL_S:  # a DISTINCT over files: not per query
+                self._roots = (time.monotonic(), tuple(r.rstrip("/") + "/" for r in cat.roots()))
+            roots = self._roots[1]
+        out = []
+        for drow, irow in zip(D, I):
+            hs: list[Hit] = []
+            for score, i in zip(drow, irow):
+                c = rows.get(int(i))
+                if c is None or not (c.path + "/").startswith(roots) and not c.path.startswith(roots):
+                    continue
+                hs.append(Hit(len(hs) + 1, float(score), c.id, c.path, c.kind, c.start, c.end, c.text))
+                if len(hs) == n:
+                    break
+            out.append(hs)
+        return out
+
+    def close(self) -> None:
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = None
+
