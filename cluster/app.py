@@ -19,16 +19,17 @@ from typing import Annotated, Any, Literal, Optional
 
 import faiss
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from shoal.cluster.config import Config, config_from_dict
-from shoal.cluster.query import (MAX_K, MAX_NPROBE, MAX_QUERY_CHARS, NOT_BLANK, SEARCH_PARAMS, Hit, BatchRequest, DenseResult, FileType,
-                           Mode, QueryCore, QueryError, SearchOptions, SearchRequest, Unavailable, field_errors)
+from shoal.cluster.query import (MAX_K, MAX_NPROBE, MAX_QUERY_CHARS, NOT_BLANK, SEARCH_PARAMS, BatchRequest, DenseResult,
+                                 FileType, Group, Hit, Mode, QueryCore, QueryError, SearchOptions, SearchRequest,
+                                 Unavailable, field_errors)
 from shoal.index.errors import ShoalError
 from shoal.workers.datanode import DataNode, data_node_resources
 from shoal.workers.serving import (BatchedEncoder, GroupHealth, QueryEncoder, Reranker, ShardSearcher, bounded,
@@ -89,6 +90,31 @@ class BatchResponse(Answered):
     results: list[QueryResult]
 
 
+class PassageBody(BaseModel):
+    id: int
+    ordinal: int = Field(description="the passage's place in its file, from 0")
+    n_chunks: int
+    path: str
+    root: str
+    kind: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    start: int = Field(description="character offsets of the passage in the file's extracted text")
+    end: int
+    line: Optional[int] = Field(description="the line the passage starts on (None where the file changed)")
+    text: str = Field(description="the passage as indexed")
+    before: str
+    passage: str
+    after: str
+    text_start: int = Field(description="where ``before`` starts in the file's text")
+    text_end: int
+    text_chars: int
+    current: bool = Field(description="the file is as it was indexed")
+    note: str
+    highlights: list[list[int]] = Field([], description="the query's terms, offsets into before + passage + after")
+
+
 class Health(BaseModel):
     status: str
     generation: Optional[str]
@@ -109,7 +135,48 @@ def error(status: int, detail: Any, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status)
 
 
+def wants_page(request: Request) -> bool:
+    """A page route asked for HTML (not its JSON twin, ``format=json``)."""
+    return page_path(request.url.path) and request.query_params.get("format") != "json" \
+        and not request.url.path.startswith("/static/")
+
+
+def page_error(status: int, title: str, detail: str, **kw: Any) -> HTMLResponse:
+    from shoal.cluster import web
+
+    return HTMLResponse(web.error_page(title, detail, **kw), status_code=status)
+
+
+PAGE_TITLES = {401: "This server needs a token", 404: "Not found", 409: "This index cannot do that",
+               413: "Too large", 422: "That request cannot be answered", 503: "Not available right now"}
+HTML = {"text/html": {"schema": {"type": "string"}}}
+PAGE_ERRORS = {401: "serve.token is set and the request has no valid bearer token: the page that asks for it",
+               404: "no such passage, or not in a file inside the ingested roots",
+               409: "the index cannot do this (no keyword index)", 422: "a parameter is wrong: the page names it",
+               503: "no generation yet, or shard groups down"}
+PAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": HTML, "description": "the page"},
+    **{s: {"content": HTML, "description": d} for s, d in PAGE_ERRORS.items()}}
+
+
+def twin_responses(what: str) -> dict[int | str, dict[str, Any]]:
+    """A page with a JSON twin (format=json): HTML, or the same data (errors too) as JSON."""
+    out: dict[int | str, dict[str, Any]] = {200: {"content": {**HTML, "application/json": {
+        "schema": {"$ref": "#/components/schemas/PassageBody"}}}, "description": what}}
+    for s in (401, 404, 422):
+        body = "ValidationErrorBody" if s == 422 else "ErrorBody"
+        out[s] = {"content": {**HTML, "application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+                  "description": PAGE_ERRORS[s]}
+    return out
+
+
 OPEN_PATHS = ("/healthz", "/docs", "/openapi.json")  # answered without the bearer token
+# pages check the token themselves: without it they render the page that asks for it (and no data)
+PAGE_PATHS = ("/", "/static/", "/passage/", "/text/")
+
+
+def page_path(path: str) -> bool:
+    return path == "/" or path.startswith(PAGE_PATHS[1:])
 
 
 class Guard:
@@ -125,7 +192,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         token, limit = self.state.token, self.state.max_body_bytes
-        if token and scope["path"] not in OPEN_PATHS:
+        if token and scope["path"] not in OPEN_PATHS and not page_path(scope["path"]):
             if not hmac.compare_digest(headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
                 return await error(401, "missing or wrong bearer token")(scope, receive, send)
         if scope["method"] in ("POST", "PUT", "PATCH"):
@@ -176,9 +243,12 @@ def make_api() -> FastAPI:
     api.add_middleware(Guard, state=api.state, openapi=lambda: api.openapi())
 
     @api.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = [{"field": ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query")),
+    async def invalid(request: Request, exc: RequestValidationError) -> Any:
+        errs = [{"field": ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path")),
                  "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        if wants_page(request):
+            return page_error(422, "That request cannot be answered",
+                              "; ".join(f"{e['field']}: {e['msg']}" for e in errs))
         return error(422, errs)
 
     @api.exception_handler(QueryError)
@@ -192,6 +262,9 @@ def make_api() -> FastAPI:
         spec = base_openapi()
         queries = spec["components"]["schemas"]["BatchRequest"]["properties"]["queries"]
         queries["maxItems"] = int(api.state.max_batch_queries)
+        # the passage view's JSON twin (format=json) is described by PassageBody
+        spec["components"]["schemas"]["PassageBody"] = PassageBody.model_json_schema(
+            ref_template="#/components/schemas/{model}")
         return spec
 
     api.openapi = served_openapi  # type: ignore[method-assign]
@@ -412,6 +485,7 @@ class Ingress:
         self.core = QueryCore(self.cfg, self.backend, remote=None if on_data_node else datanode)
         self.latency_ms: deque[float] = deque(maxlen=5000)
         self.requests = 0
+        self._counts: tuple[float, dict[str, Any]] = (0.0, {})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """The in-Ingress encoder's batching changes without a redeploy (as the QueryEncoder's does)."""
@@ -436,13 +510,15 @@ class Ingress:
         path_prefix: Annotated[Optional[str], Query(max_length=4096)] = None,
         file_type: Annotated[Optional[list[FileType]], Query()] = None,
         allow_partial: bool = False, full: bool = False, mode: Optional[Mode] = None,
+        group: Group = "chunk", highlight: bool = False,
     ) -> Any:
         unknown = sorted(set(request.query_params) - SEARCH_PARAMS)
         if unknown:
             return error(422, [{"field": u, "msg": "unknown parameter", "type": "extra_forbidden"} for u in unknown])
         try:
             req = SearchRequest(q=q, k=k, nprobe=nprobe, rerank=rerank, path_prefix=path_prefix,
-                                file_type=file_type, allow_partial=allow_partial, full=full, mode=mode)
+                                file_type=file_type, allow_partial=allow_partial, full=full, mode=mode,
+                                group=group, highlight=highlight)
         except ValidationError as e:
             return error(422, field_errors(e))
         return await self.search_post(req)
@@ -473,6 +549,111 @@ class Ingress:
             body.update(partial=True, missing_shards=ans.missing)
         body["ms"] = self._done(t0)
         return JSONResponse(body)
+
+    # -- the search page and the passage view (HTML; their data is the JSON API's) -------------------
+    def _authorized(self, request: Request) -> bool:
+        token = api.state.token
+        got = request.headers.get("authorization", "")
+        return not token or hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
+
+    async def _status_line(self) -> dict[str, Any]:
+        """The page's status line: generation, files and chunks, each shard group up or down."""
+        now = time.monotonic()
+        if now - self._counts[0] > 5.0:  # COUNT(*) over every chunk: not per page at 10M rows
+            self._counts = (now, await self.core.counts())
+        counts = self._counts[1]
+        generation = self.backend.last_generation
+        if generation is None:
+            try:
+                generation = (await self.core.data_health()).get("generation")
+            except Exception:  # noqa: BLE001 - the status line says what it knows
+                pass
+        return {"generation": generation, "files": counts.get("files", 0),
+                "chunks": counts.get("chunks", 0), "groups": self.backend.health.report()}
+
+    @api.get("/", response_class=HTMLResponse, responses=PAGE_RESPONSES, summary="The search page")
+    async def page(
+        self, request: Request,
+        q: Annotated[Optional[str], Query(max_length=MAX_QUERY_CHARS, description="the query (empty: the form)")] = None,
+        k: Annotated[int, Query(ge=1, le=MAX_K, description="files to show")] = 10,
+        mode: Optional[Mode] = None,
+        path_prefix: Annotated[Optional[str], Query(max_length=4096)] = None,
+        file_type: Annotated[Optional[list[FileType]], Query()] = None,
+    ) -> Any:
+        """A query box, mode, k and the filters; results grouped by file, best passage highlighted, the
+        file's other matching passages to expand, each linked to its passage view. Server-rendered: it works
+        without JavaScript (a GET form). Its JSON twin is ``GET /search?group=file``."""
+        from shoal.cluster import web
+
+        if not self._authorized(request):
+            return HTMLResponse(web.search_page(needs_token=True), status_code=401)
+        form = dict(q=(q or "").strip(), mode=mode or self.cfg.query.mode, k=k, path_prefix=path_prefix,
+                    file_type=file_type)
+        if not form["q"]:
+            return HTMLResponse(web.search_page(status=await self._status_line(), **form))
+        t0 = time.perf_counter()
+        try:
+            req = SearchRequest(q=form["q"], k=k, mode=mode, path_prefix=path_prefix or None, file_type=file_type,
+                                allow_partial=True, group="file")
+            ans = await self.core.search([req.q], req)
+        except ValidationError as e:
+            return HTMLResponse(web.search_page(status=await self._status_line(), error={
+                "title": PAGE_TITLES[422], "detail": "; ".join(f"{x['field']}: {x['msg']}" for x in field_errors(e))},
+                **form), status_code=422)
+        except QueryError as e:
+            return HTMLResponse(web.search_page(status=await self._status_line(), error={
+                "title": PAGE_TITLES.get(e.status, "Error"), "detail": str(e)}, **form), status_code=e.status)
+        hits = [h.as_dict(self.cfg.query.snippet_chars) for h in ans.hits[0]]
+        status = {**await self._status_line(), "generation": ans.generation}
+        return HTMLResponse(web.search_page(status=status, hits=hits, ms=self._done(t0), partial=ans.partial,
+                                            missing=ans.missing, **form))
+
+    async def _passage(self, request: Request, chunk_id: int, q: Optional[str], fmt: str, whole: bool) -> Any:
+        from shoal.cluster import web
+
+        if not self._authorized(request):
+            return error(401, "missing or wrong bearer token") if fmt == "json" else \
+                HTMLResponse(web.error_page(PAGE_TITLES[401], "", needs_token=True), status_code=401)
+        try:
+            p = await self.core.passage(chunk_id, (q or "").strip() or None, whole=whole)
+        except QueryError as e:
+            if fmt == "json":
+                return error(e.status, str(e))
+            return page_error(e.status, PAGE_TITLES.get(e.status, "Error"), str(e))
+        if fmt == "json":
+            return JSONResponse(p)
+        return HTMLResponse((web.text_page if whole else web.passage_page)(p, q))
+
+    @api.get("/passage/{chunk_id}", response_class=HTMLResponse, summary="A passage in its file",
+             responses=twin_responses("the passage view"))
+    async def passage_view(
+        self, request: Request, chunk_id: Annotated[int, Path(ge=0, le=2**63 - 1, description="the chunk id")],
+        q: Annotated[Optional[str], Query(max_length=MAX_QUERY_CHARS, description="terms to highlight")] = None,
+        format: Literal["html", "json"] = "html",
+    ) -> Any:
+        """The passage inside its file's text with context before and after, the query's terms highlighted;
+        the file's path, type, size, modification time and the passage's line. ``format=json``: the same data."""
+        return await self._passage(request, chunk_id, q, format, whole=False)
+
+    @api.get("/text/{chunk_id}", response_class=HTMLResponse, summary="The whole text of a passage's file",
+             responses=twin_responses("the whole text"))
+    async def text_view(
+        self, request: Request, chunk_id: Annotated[int, Path(ge=0, le=2**63 - 1, description="the chunk id")],
+        q: Annotated[Optional[str], Query(max_length=MAX_QUERY_CHARS, description="terms to highlight")] = None,
+        format: Literal["html", "json"] = "html",
+    ) -> Any:
+        """The whole text of the passage's file as extracted (PDF and HTML as text), the passage marked."""
+        return await self._passage(request, chunk_id, q, format, whole=True)
+
+    @api.get("/static/{name}", summary="The page's stylesheet and script",
+             responses={200: {"content": {"text/css": {"schema": {"type": "string"}},
+                                          "text/javascript": {"schema": {"type": "string"}}},
+                              "description": "the file"}, 422: ERRORS[422]})
+    async def static(self, name: Literal["shoal.css", "shoal.js"]) -> Any:
+        from shoal.cluster import web
+
+        body, media = web.static_file(name)
+        return Response(body, media_type=media, headers={"cache-control": "max-age=300"})
 
     @api.get("/healthz", response_model=Health, responses={503: ERRORS[503]})
     async def healthz(self) -> Any:
@@ -545,7 +726,8 @@ def run_serve(cfg: Config, *, detach: bool = False, out: Any = print) -> None:
         if isinstance(e, KeyboardInterrupt):
             raise
         raise ShoalError(f"shoal serve: {reason}") from None
-    out(f"shoal serving {cfg.data_path} at http://{cfg.serve.host}:{cfg.serve.port} (docs at /docs)")
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    out(f"shoal serving {cfg.data_path} at {url}\n  search page: {url}/\n  API docs:    {url}/docs")
     if detach:
         return
     stop = threading.Event()

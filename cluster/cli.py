@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="re-rank the top serve.rerank_candidates with the cross-encoder in serve.rerank_model")
         p.add_argument("--mode", choices=("dense", "keyword", "hybrid"), default=None,
                        help="dense vectors, BM25 keywords, or both fused (default query.mode)")
+        p.add_argument("--chunks", action="store_true",
+                       help="every matching chunk as its own hit (default: one line per file, its best passage)")
         _common(p)
 
     p = sub.add_parser("serve", help="serve the index over HTTP (Ray Serve) until Ctrl-C")
@@ -135,7 +137,8 @@ def _print_hits(hits: Sequence[Any], full: bool, snippet_chars: int, out: Any = 
     if not hits:
         print("  (no hits)", file=out)
     for h in hits:
-        print(f"{h.rank:3d}  {h.score:6.3f}  {display_path(h.path)}  [chars {h.start}-{h.end}]", file=out)
+        more = f"  (+{len(h.passages)} more passage{'s' if len(h.passages) != 1 else ''})" if h.passages else ""
+        print(f"{h.rank:3d}  {h.score:6.3f}  {display_path(h.path)}  [chars {h.start}-{h.end}]{more}", file=out)
         body = h.text if full else h.snippet(snippet_chars)
         for line in (body.splitlines() or [""]):
             print(f"       {line}", file=out)
@@ -217,12 +220,13 @@ class RemoteSearcher:
         self.manifest = {"ntotal": "?"}
 
     def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None,
-               mode: Optional[str] = None, rerank: bool = False) -> list[list[Any]]:
-        from shoal.cluster.search import Hit
+               mode: Optional[str] = None, rerank: bool = False, group: str = "chunk") -> list[list[Any]]:
+        from shoal.workers.catalog import Hit, Passage
 
         out = []
         for q in queries:
-            body: dict[str, Any] = {"q": q, "k": k, "full": self.full, "rerank": self.rerank or rerank}
+            body: dict[str, Any] = {"q": q, "k": k, "full": self.full, "rerank": self.rerank or rerank,
+                                    "group": group}
             if mode or self.mode:
                 body["mode"] = mode or self.mode
             if nprobe is not None:
@@ -231,7 +235,9 @@ class RemoteSearcher:
             if r.status_code != 200:
                 detail = r.json().get("detail") if r.headers.get("content-type", "").startswith("application/json") else r.text
                 raise ShoalError(f"server answered {r.status_code}: {detail}")
-            out.append([Hit(h["rank"], h["score"], h["id"], h["path"], h["kind"], h["start"], h["end"], h["text"])
+            out.append([Hit(h["rank"], h["score"], h["id"], h["path"], h["kind"], h["start"], h["end"], h["text"],
+                            passages=[Passage(**{k: p[k] for k in ("id", "rank", "score", "start", "end", "text")})
+                                      for p in h["passages"]] if "passages" in h else None)
                         for h in r.json()["hits"]])
         return out
 
@@ -264,7 +270,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     k = args.k or cfg.query.k
     s = _searcher(args, cfg)
     t0 = time.perf_counter()
-    [hits] = s.search([args.text], k=k, nprobe=args.nprobe, mode=args.mode, rerank=args.rerank)
+    [hits] = s.search([args.text], k=k, nprobe=args.nprobe, mode=args.mode, rerank=args.rerank,
+                      group="chunk" if args.chunks else "file")
     ms = (time.perf_counter() - t0) * 1000
     if args.json:
         print(json.dumps({"query": args.text, "k": k, "mode": args.mode or cfg.query.mode,
@@ -286,7 +293,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"shoal: {s.manifest['ntotal']} chunks, generation {s.generation}{' at ' + args.url if args.url else ''}. "
           "Type a query; `open N`, `full N`, `more`, `help`; `exit`, `quit` or Ctrl-D to leave.", flush=True)
     session = interactive.Session(
-        s, k, dict(nprobe=args.nprobe, mode=args.mode, rerank=args.rerank),
+        s, k, dict(nprobe=args.nprobe, mode=args.mode, rerank=args.rerank, group="chunk" if args.chunks else "file"),
         show=lambda hits: _print_hits(hits, args.full, cfg.query.snippet_chars))
     interactive.run(session, sys.stdin.isatty())
     s.close()

@@ -21,14 +21,16 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from shoal.cluster.config import Config
-from shoal.index.errors import Conflict, QueryError, ShoalError, Unavailable  # noqa: F401 - the core's errors
-from shoal.workers.catalog import CatalogReader, Hit
+from shoal.index.errors import Conflict, NotFound, QueryError, ShoalError, Unavailable  # noqa: F401 - the core's errors
+from shoal.workers.catalog import CatalogReader, Hit, group_by_file
 
 MAX_K = 1000
 MAX_QUERY_CHARS = 4096
 MAX_NPROBE = 65536
 FileType = Literal["text", "markdown", "rst", "code", "data", "html", "pdf"]
 Mode = Literal["dense", "keyword", "hybrid"]
+Group = Literal["chunk", "file"]
+MAX_GROUP_CHUNKS = 2000  # chunks looked at for a per-file answer, at most
 
 
 # -- the request model: the one contract of the CLI, the HTTP API and the evaluator ---------------
@@ -55,6 +57,9 @@ class SearchOptions(BaseModel):
     allow_partial: bool = Field(False, description="answer from the shard groups that respond, flagged partial")
     full: bool = Field(False, description="whole chunk texts instead of snippets")
     mode: Optional[Mode] = Field(None, description="dense, keyword or hybrid (default: query.mode)")
+    group: Group = Field("chunk", description="chunk: k passages; file: k files, each with its best passage "
+                                              "and its other matching passages (ids, offsets, scores)")
+    highlight: bool = Field(False, description="where the query's terms are in each text (always with group file)")
 
 
 # "Blank" as JSON Schema means it: ECMA-262's whitespace, spelled out so that the schema's pattern,
@@ -162,9 +167,12 @@ class Plan:
     side: int
 
     @classmethod
-    def of(cls, opts: SearchOptions, cfg: Config) -> "Plan":
+    def of(cls, opts: SearchOptions, cfg: Config, widen: int = 1) -> "Plan":
+        """``widen``: a per-file answer that found fewer than k files asks again for that many times more."""
         mode = opts.mode or cfg.query.mode
         want = max(opts.k, cfg.serve.rerank_candidates) if opts.rerank else opts.k
+        if opts.group == "file":  # k files: some chunks of each, so many more chunks than k
+            want = min(MAX_GROUP_CHUNKS, max(want, opts.k * 8, 50) * widen)
         fetch = want + 16
         return cls(mode, want, fetch, max(fetch, cfg.query.fusion_candidates) if mode == "hybrid" else fetch)
 
@@ -277,21 +285,60 @@ class QueryCore:
 
             raise Conflict(RERANK_OFF)
         clock = Clock(self.stages)
-        plan = Plan.of(opts, self.cfg)
         allowed = None
         if opts.path_prefix or opts.file_type:
             allowed = await self._ids_matching(opts.path_prefix or None, opts.file_type)
             clock("filter")
-        dense, kw, mode = await self._sides(queries, opts, plan, allowed, clock)
-        D, I = await self._fused(dense, kw, plan, allowed, clock)
-        hits = await self._hits(D, I, plan.want)
-        clock("catalog")
-        if opts.rerank:
-            hits = [await self._rerank(qq, hs) for qq, hs in zip(queries, hits)]
-            clock("rerank")
+        widen = 1
+        while True:
+            plan = Plan.of(opts, self.cfg, widen)
+            dense, kw, mode = await self._sides(queries, opts, plan, allowed, clock)
+            D, I = await self._fused(dense, kw, plan, allowed, clock)
+            hits = await self._hits(D, I, plan.want)
+            clock("catalog")
+            if opts.group == "file":  # files, ranked by their best chunk (the re-ranker then orders files)
+                short = [hs for hs in hits if len(hs) == plan.want and len({h.path for h in hs}) < opts.k]
+                if short and plan.want < MAX_GROUP_CHUNKS:  # fewer than k files among the candidates: more
+                    widen *= 4
+                    continue
+                n_files = max(opts.k, self.cfg.serve.rerank_candidates) if opts.rerank else opts.k
+                hits = [group_by_file(hs, n_files) for hs in hits]
+                clock("group")
+            if opts.rerank:
+                hits = [await self._rerank(qq, hs) for qq, hs in zip(queries, hits)]
+                clock("rerank")
+            hits = [hs[:opts.k] for hs in hits]
+            break
         generation = dense.generation if dense is not None else kw[2] if kw is not None else None
+        if opts.highlight or opts.group == "file":
+            hits = await self._highlighted(generation, queries, hits)
+            clock("highlight")
         clock.done()
-        return Answer([hs[:opts.k] for hs in hits], mode, generation, dense.missing if dense else [])
+        return Answer(hits, mode, generation, dense.missing if dense else [])
+
+    async def _highlighted(self, generation: Optional[str], queries: list[str],
+                           hits: list[list[Hit]]) -> list[list[Hit]]:
+        """Each hit (and its passages) with where its query's terms are, by the generation's keyword analysis."""
+        out = []
+        for q, hs in zip(queries, hits):
+            texts = [t for h in hs for t in [h.text, *(p.text for p in h.passages or [])]]
+            spans = iter(await self._highlight_spans(generation, q, texts) if texts else [])
+            out.append([replace(h, highlights=next(spans),
+                                passages=None if h.passages is None else
+                                [replace(p, highlights=next(spans)) for p in h.passages]) for h in hs])
+        return out
+
+    async def _highlight_spans(self, generation: Optional[str], query: str, texts: list[str]) -> list[Any]:
+        if self.remote is not None:
+            return await self.remote.highlights.remote(generation, query, texts)
+        return await self._run(self.reader.highlights, generation, query, texts)
+
+    async def passage(self, chunk_id: int, query: Optional[str] = None, context_chars: int = 1500,
+                      whole: bool = False) -> dict[str, Any]:
+        """A passage in its file (the passage view): see CatalogReader.passage."""
+        if self.remote is not None:
+            return await self.remote.passage.remote(chunk_id, query, context_chars, whole)
+        return await self._run(self.reader.passage, chunk_id, query, context_chars, whole)
 
     async def _sides(self, queries: list[str], opts: SearchOptions, plan: "Plan", allowed: Optional[np.ndarray],
                      clock: "Clock") -> tuple[Optional[DenseResult], Optional[tuple[np.ndarray, np.ndarray, str]], str]:

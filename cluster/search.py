@@ -98,16 +98,17 @@ class Searcher:
 
     def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None,
                mode: Optional[str] = None, rerank: bool = False, path_prefix: Optional[str] = None,
-               file_type: Optional[list[str]] = None) -> list[list[Hit]]:
+               file_type: Optional[list[str]] = None, group: str = "chunk") -> list[list[Hit]]:
         """Top-k hits per query: ``mode`` dense (vectors), keyword (BM25) or hybrid (both fused).
 
         ``rerank``: the top serve.rerank_candidates are re-scored by the
         cross-encoder in serve.rerank_model (a Conflict error where none is configured).
+        ``group`` "file": k files, each hit a file's best passage with its other passages.
         """
         if not queries:
             return []
         req = validate(queries, k=k, nprobe=nprobe, mode=mode, rerank=rerank, path_prefix=path_prefix,
-                       file_type=file_type)
+                       file_type=file_type, group=group)
         return asyncio.run(self.core.search(req.queries, req)).hits
 
     def search_ids(self, qs: Sequence[str], k: int, nprobe: Optional[int] = None,

@@ -41,3 +41,9 @@ class Unavailable(QueryError):
     """No generation yet, or shard groups down."""
 
     status = 503
+
+
+class NotFound(QueryError):
+    """What was asked for is not there (an unknown passage, one outside the ingested roots)."""
+
+    status = 404

@@ -28,6 +28,7 @@ import hashlib
 import shutil
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -96,6 +97,23 @@ def _tokenize(texts: Sequence[str], analysis: Analysis) -> Any:
 
         stemmer = Stemmer.Stemmer(analysis.stemmer)
     return bm25s.tokenize(list(texts), stopwords=analysis.stopwords or [], stemmer=stemmer, show_progress=False)
+
+
+TOKEN_PATTERN = re.compile(r"(?u)\b\w\w+\b")  # bm25s's token pattern (scikit-learn's CountVectorizer)
+
+
+def highlight_spans(text: str, query: str, analysis: Analysis) -> list[tuple[int, int]]:
+    """(start, end) of each word of ``text`` whose analysed term (lower-cased, stop words dropped,
+    stemmed: the BM25 side's analysis) is one of the query's: ``flutters`` lights up for ``flutter``."""
+    want = set(_tokenize([query], analysis).vocab) - {""}
+    if not want:
+        return []
+    words = [(m.start(), m.end(), m.group()) for m in TOKEN_PATTERN.finditer(text)]
+    if not words:
+        return []
+    tok = _tokenize([w for _, _, w in words], analysis)
+    term = {i: t for t, i in tok.vocab.items()}
+    return [(a, b) for (a, b, _), ids in zip(words, tok.ids) if len(ids) and term.get(int(ids[0])) in want]
 
 
 K1, B = 1.5, 0.75  # bm25s defaults

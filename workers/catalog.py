@@ -9,11 +9,12 @@ generation) for queries, on the data node only.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -372,6 +373,18 @@ class Catalog:
         keys = sorted(got)
         return np.asarray(keys, dtype=np.int64), [got[k] for k in keys]
 
+    def chunk_row(self, chunk_id: int) -> Optional[dict[str, Any]]:
+        """One chunk with its file's row: what the passage view shows."""
+        r = self.db.execute(
+            "SELECT c.id, c.ordinal, c.char_start, c.char_end, c.text, f.path, f.kind, f.size, f.mtime_ns, f.sha256,"
+            " f.n_chunks, f.root FROM chunks c JOIN files f ON f.id = c.file_id WHERE c.id = ?", (int(chunk_id),)
+        ).fetchone()
+        if r is None:
+            return None
+        keys = ("id", "ordinal", "start", "end", "text", "path", "kind", "size", "mtime_ns", "sha256", "n_chunks",
+                "root")
+        return dict(zip(keys, r))
+
     def lookup(self, ids: Iterable[int]) -> dict[int, ChunkHit]:
         ids = [int(i) for i in ids if i >= 0]
         out: dict[int, ChunkHit] = {}
@@ -425,6 +438,63 @@ class Catalog:
             out.append(row[0])
 
 
+def snippet(text: str, spans: Sequence[tuple[int, int]] = (), chars: int = 200) -> tuple[str, list[list[int]]]:
+    """At most ``chars`` characters of ``text`` with runs of whitespace made one space, starting a little
+    before the first highlighted span (at a word's start) so that a match shows; the spans moved into it."""
+    start = 0
+    if spans and spans[0][0] > chars // 4:
+        start = text.rfind(" ", 0, max(0, spans[0][0] - chars // 5)) + 1
+    out: list[str] = []
+    pos: dict[int, int] = {}  # text offset -> snippet offset, at span edges
+    edges = {e for a, b in spans for e in (a, b)}
+    space = False
+    i = start
+    while i < len(text) and len(out) < chars:
+        ch = text[i]
+        if i in edges:
+            pos[i] = len(out)
+        if ch.isspace():
+            if not space and out:
+                out.append(" ")
+            space = True
+        else:
+            out.append(ch)
+            space = False
+        i += 1
+    end_i = i
+    if end_i in edges:
+        pos[end_i] = len(out)
+    body = "".join(out).rstrip()
+    marks = [[pos[a], min(pos.get(b, len(body)), len(body))] for a, b in spans
+             if a >= start and a in pos and pos[a] < len(body)]
+    prefix = "…" if start > 0 else ""
+    suffix = "…" if end_i < len(text) and text[end_i:].strip() else ""
+    shift = len(prefix)
+    return prefix + body + suffix, [[a + shift, b + shift] for a, b in marks]
+
+
+@dataclass(frozen=True)
+class Passage:
+    """Another matching passage of a file in a per-file answer (``group: file``): its chunk, offsets, score."""
+
+    id: int
+    rank: int  # its rank among the chunks before grouping
+    score: float
+    start: int
+    end: int
+    text: str
+    highlights: Optional[list[list[int]]] = None
+
+    def as_dict(self, snippet_chars: Optional[int] = 200) -> dict[str, Any]:
+        text, marks = (self.text, self.highlights) if snippet_chars is None else \
+            snippet(self.text, [tuple(x) for x in self.highlights or []], snippet_chars)
+        d = {"id": self.id, "rank": self.rank, "score": self.score, "start": self.start, "end": self.end,
+             "text": text}
+        if self.highlights is not None:
+            d["highlights"] = marks
+        return d
+
+
 @dataclass(frozen=True)
 class Hit:
     rank: int
@@ -436,18 +506,48 @@ class Hit:
     end: int
     text: str
     first_stage_score: Optional[float] = None
+    # per-file answers (group: file): the file's other matching passages, best first
+    passages: Optional[list[Passage]] = None
+    # where the query's terms are in ``text`` (the keyword analysis's matches), when asked for
+    highlights: Optional[list[list[int]]] = None
 
     def snippet(self, chars: int = 200) -> str:
         flat = " ".join(self.text.split())
         return flat if len(flat) <= chars else flat[:chars].rstrip() + "…"
 
     def as_dict(self, snippet_chars: Optional[int] = 200) -> dict[str, Any]:
-        d = asdict(self)
-        if d["first_stage_score"] is None:
-            del d["first_stage_score"]
-        if snippet_chars is not None:
+        d = {"rank": self.rank, "score": self.score, "id": self.id, "path": self.path, "kind": self.kind,
+             "start": self.start, "end": self.end, "text": self.text}
+        if self.first_stage_score is not None:
+            d["first_stage_score"] = self.first_stage_score
+        if self.highlights is not None:
+            d["text"], d["highlights"] = (self.text, self.highlights) if snippet_chars is None else \
+                snippet(self.text, [tuple(x) for x in self.highlights], snippet_chars)
+        elif snippet_chars is not None:
             d["text"] = self.snippet(snippet_chars)
+        if self.passages is not None:
+            d["passages"] = [p.as_dict(snippet_chars) for p in self.passages]
         return d
+
+
+def within(path: str, roots: Sequence[str]) -> bool:
+    """Is ``path`` one of the roots (each given with a trailing "/") or under one?"""
+    return (path + "/").startswith(tuple(roots)) or path.startswith(tuple(roots))
+
+
+def group_by_file(hits: Sequence[Hit], k: int) -> list[Hit]:
+    """Chunk hits (best first) -> at most ``k`` file hits: each file's best chunk, ranked by it, with the
+    file's other chunks among ``hits`` as its passages."""
+    best: dict[str, Hit] = {}
+    more: dict[str, list[Passage]] = {}
+    for h in hits:
+        if h.path not in best:
+            if len(best) == k:
+                continue
+            best[h.path], more[h.path] = h, []
+        else:
+            more[h.path].append(Passage(h.id, h.rank, h.score, h.start, h.end, h.text, h.highlights))
+    return [replace(h, rank=r, passages=more[h.path]) for r, h in enumerate(best.values(), 1)]
 
 
 class CatalogReader:
@@ -514,26 +614,86 @@ class CatalogReader:
         name, kw = self.keyword_index(None)
         return {"generation": name, "keyword": kw is not None}
 
+    def _ingested_roots(self) -> tuple[str, ...]:
+        """The roots (each ending in "/"); call with the catalog lock held."""
+        if time.monotonic() - self._roots[0] > ROOTS_TTL_S:  # a DISTINCT over files: not per query
+            self._roots = (time.monotonic(), tuple(r.rstrip("/") + "/" for r in self.catalog().roots()))
+        return self._roots[1]
+
     def hits(self, D: np.ndarray, I: np.ndarray, n: int) -> list[list[Hit]]:
         """Ids -> catalog rows, best first, at most n per query. Ids no longer in the catalog are
         dropped, and so is anything outside the ingested roots: no path outside them is ever served."""
         with self._db_lock:
-            cat = self.catalog()
-            rows = cat.lookup(np.unique(I[I >= 0]).tolist())
-            if time.monotonic() - self._roots[0] > ROOTS_TTL_S:  # a DISTINCT over files: not per query
-                self._roots = (time.monotonic(), tuple(r.rstrip("/") + "/" for r in cat.roots()))
-            roots = self._roots[1]
+            rows = self.catalog().lookup(np.unique(I[I >= 0]).tolist())
+            roots = self._ingested_roots()
         out = []
         for drow, irow in zip(D, I):
             hs: list[Hit] = []
             for score, i in zip(drow, irow):
                 c = rows.get(int(i))
-                if c is None or not (c.path + "/").startswith(roots) and not c.path.startswith(roots):
+                if c is None or not within(c.path, roots):
                     continue
                 hs.append(Hit(len(hs) + 1, float(score), c.id, c.path, c.kind, c.start, c.end, c.text))
                 if len(hs) == n:
                     break
             out.append(hs)
+        return out
+
+    def analysis(self, generation: Optional[str]) -> Any:
+        """The keyword analysis of ``generation`` (its manifest's, the default where none is recorded)."""
+        from shoal.index import generations
+        from shoal.index.keyword import Analysis
+
+        name, kw = self.keyword_index(generation)
+        if kw is not None:
+            return kw.analysis
+        return Analysis.from_manifest(generations.read_manifest(generations.generations_dir(self.data) / name)) \
+            if (generations.generations_dir(self.data) / name / layout.MANIFEST).exists() else Analysis()
+
+    def highlights(self, generation: Optional[str], query: str, texts: list[str]) -> list[list[list[int]]]:
+        """Where ``query``'s terms are in each text, by the generation's keyword analysis."""
+        from shoal.index.keyword import highlight_spans
+
+        a = self.analysis(generation)
+        return [[list(x) for x in highlight_spans(t, query, a)] for t in texts]
+
+    def passage(self, chunk_id: int, query: Optional[str] = None, context_chars: int = 1500,
+                whole: bool = False) -> dict[str, Any]:
+        """A chunk inside its file: the text around it (or the whole extracted text), where it is (char
+        offsets, line), the file's path, kind, size and mtime, and the query's terms highlighted. Only chunks
+        of files inside the ingested roots; a file changed since it was indexed says so and shows the chunk
+        as indexed. Raises NotFound (404)."""
+        from shoal.index.errors import NotFound
+        from shoal.workers.scan import SkipFile, read_text
+
+        with self._db_lock:
+            row = self.catalog().chunk_row(int(chunk_id))
+            roots = self._ingested_roots()
+        if row is None:
+            raise NotFound(f"no passage {chunk_id} in this index (it was never indexed, or its file changed or "
+                           "was removed since)")
+        if not within(row["path"], roots) or not within(os.path.realpath(row["path"]), roots):
+            raise NotFound(f"passage {chunk_id} is not in a file inside the ingested roots")
+        out = {**row, "current": False, "note": ""}
+        try:
+            text, _, digest = read_text(row["path"], max(int(row["size"]) * 2, 1 << 20))
+        except SkipFile as e:
+            text, digest = "", ""
+            out["note"] = f"the file cannot be read now ({e.reason}: {e.detail}); showing the passage as indexed"
+        if digest and digest == row["sha256"] and text[row["start"]:row["end"]] == row["text"]:
+            out["current"] = True
+        elif not out["note"]:
+            out["note"] = "the file changed since it was indexed; showing the passage as indexed"
+        if not out["current"]:
+            text, lo, hi = row["text"], 0, len(row["text"])
+        else:
+            lo = 0 if whole else max(0, row["start"] - context_chars)
+            hi = len(text) if whole else min(len(text), row["end"] + context_chars)
+        a, b = (row["start"], row["end"]) if out["current"] else (0, len(row["text"]))
+        out.update(before=text[lo:a], passage=text[a:b], after=text[b:hi], line=text.count("\n", 0, a) + 1 if
+                   out["current"] else None, text_start=lo, text_end=hi, text_chars=len(text))
+        if query:  # offsets into before + passage + after
+            out["highlights"] = self.highlights(None, query, [text[lo:hi]])[0]
         return out
 
     def close(self) -> None:

@@ -115,6 +115,12 @@ class DataNode:
     def counts(self) -> dict[str, Any]:
         return self.reader.counts()
 
+    def highlights(self, generation: Optional[str], query: str, texts: list[str]) -> list[list[list[int]]]:
+        return self.reader.highlights(generation, query, texts)
+
+    def passage(self, chunk_id: int, query: Optional[str], context_chars: int, whole: bool) -> dict[str, Any]:
+        return self.reader.passage(chunk_id, query, context_chars, whole)
+
     def health(self) -> dict[str, Any]:
         return self.reader.health()
 

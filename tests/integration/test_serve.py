@@ -228,6 +228,35 @@ def test_hot_swap_under_load(served):
     assert r.json()["hits"][0]["path"].endswith(f"/{new_doc['_id']}.txt")
 
 
+def test_per_file_answers_count_files(served):
+    """group: file -> k files, each once, ranked by its best passage (the highest score among its chunks),
+    its other matching passages listed with ids, offsets and scores; chunk answers unchanged by default."""
+    _, client, _, _, _ = served
+    q = "wing in a propeller slipstream"
+    for k in (3, 8):
+        # the chunks a per-file answer of k files looks at: k x 8 (at least 50), as the query core plans it
+        chunks = client.post("/search", json={"q": q, "k": max(8 * k, 50)}).json()["hits"]
+        assert "passages" not in chunks[0] and "highlights" not in chunks[0]  # existing clients see no change
+        files = client.post("/search", json={"q": q, "k": k, "group": "file"}).json()["hits"]
+        paths = [h["path"] for h in files]
+        assert len(files) == k and len(set(paths)) == k and [h["rank"] for h in files] == list(range(1, k + 1))
+        first = {}
+        for c in chunks:
+            first.setdefault(c["path"], c)
+        assert paths == list(first)[:k]  # files in the order of their best chunk
+        for h in files:
+            assert h["id"] == first[h["path"]]["id"] and h["score"] == first[h["path"]]["score"]
+            mine = [c for c in chunks if c["path"] == h["path"]]
+            assert [p["id"] for p in h["passages"]] == [c["id"] for c in mine[1:]]
+            assert all(p["score"] <= h["score"] for p in h["passages"]) and isinstance(h["highlights"], list)
+        assert any(h["highlights"] for h in files)  # the query's words, where the best passage has them
+    multi = [h for h in client.post("/search", json={"q": q, "k": 8, "group": "file"}).json()["hits"]
+             if h["passages"]]
+    assert multi, "some file has more than one matching chunk"
+    r = client.get("/search", params={"q": q, "k": 2, "group": "file", "highlight": "true"})
+    assert r.status_code == 200 and len(r.json()["hits"]) == 2
+
+
 def test_concurrent_single_queries_share_forward_passes(served):
     """16 single queries at once: the encoder inside the Ingress runs far fewer than 16 forward passes."""
     from concurrent.futures import ThreadPoolExecutor
