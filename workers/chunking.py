@@ -47,9 +47,13 @@ def _windows(text: str, tokenizer: Any, size: int, overlap: int) -> tuple[list[C
     if not text.strip():
         return [], []
     reuse: Optional[str] = None
+    tokens: list[str] = []
+    all_ids: list[int] = []
     if hasattr(tokenizer, "encode_batch"):  # a `tokenizers.Tokenizer` (what readers load: 30 ms, no transformers)
         enc = tokenizer.encode(text, add_special_tokens=False)
         pairs, reuse = enc.offsets, wordpiece_prefix(tokenizer)
+        if reuse is not None:  # Encoding's .tokens and .ids build a new list on every access: once, here
+            tokens, all_ids = enc.tokens, enc.ids
     else:  # a transformers fast tokenizer
         pairs = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
     keep = [i for i, (a, b) in enumerate(pairs) if b > a]
@@ -61,8 +65,8 @@ def _windows(text: str, tokenizer: Any, size: int, overlap: int) -> tuple[list[C
         j0, j1 = keep[i0], keep[i1 - 1] + 1
         # WordPiece cuts a word greedily from its left: a window that starts a word and holds every token
         # of its span tokenizes alone exactly as in its file (a cut word's first pieces are its pieces)
-        same = reuse is not None and j1 - j0 == i1 - i0 and not enc.tokens[j0].startswith(reuse)
-        ids.append(enc.ids[j0:j1] if same else None)
+        same = reuse is not None and j1 - j0 == i1 - i0 and not tokens[j0].startswith(reuse)
+        ids.append(all_ids[j0:j1] if same else None)
     return chunks, ids
 
 
