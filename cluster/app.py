@@ -73,6 +73,7 @@ class Answered(BaseModel):
     ms: float
     partial: bool = False  # present (true) only when shard groups were missing and allow_partial was set
     missing_shards: list[int] = []
+    feedback: Optional[Literal["dense"]] = Field(None, description="present where a query looked twice (feedback)")
 
 
 class SearchResponse(Answered):
@@ -510,7 +511,7 @@ class Ingress:
         path_prefix: Annotated[Optional[str], Query(max_length=4096)] = None,
         file_type: Annotated[Optional[list[FileType]], Query()] = None,
         allow_partial: bool = False, full: bool = False, mode: Optional[Mode] = None,
-        group: Group = "chunk", highlight: bool = False,
+        group: Group = "chunk", highlight: bool = False, feedback: Optional[Literal["none", "dense"]] = None,
     ) -> Any:
         unknown = sorted(set(request.query_params) - SEARCH_PARAMS)
         if unknown:
@@ -518,7 +519,7 @@ class Ingress:
         try:
             req = SearchRequest(q=q, k=k, nprobe=nprobe, rerank=rerank, path_prefix=path_prefix,
                                 file_type=file_type, allow_partial=allow_partial, full=full, mode=mode,
-                                group=group, highlight=highlight)
+                                group=group, highlight=highlight, feedback=feedback)
         except ValidationError as e:
             return error(422, field_errors(e))
         return await self.search_post(req)
@@ -532,6 +533,8 @@ class Ingress:
                 "hits": _snip(ans.hits[0], req.full, self.cfg.query.snippet_chars), "ms": self._done(t0)}
         if ans.partial:
             body.update(partial=True, missing_shards=ans.missing)
+        if ans.feedback:
+            body["feedback"] = ans.feedback
         return JSONResponse(body)  # the body is SearchResponse already: no second validation pass
 
     @api.post("/search/batch", response_model=BatchResponse, responses=ERRORS,
@@ -547,6 +550,8 @@ class Ingress:
                             for q, hs in zip(req.queries, ans.hits)]}
         if ans.partial:
             body.update(partial=True, missing_shards=ans.missing)
+        if ans.feedback:
+            body["feedback"] = ans.feedback
         body["ms"] = self._done(t0)
         return JSONResponse(body)
 

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finish an interrupted run (also what a plain rerun does)")
     p.add_argument("--address", help="Ray cluster to join (also $RAY_ADDRESS); default: a local Ray")
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
+    p.add_argument("--watch", action="store_true",
+                   help="after the first pass, keep the index current as files change, until SIGTERM/SIGINT "
+                        "(`ray job stop`); see ingest.watch* in the config")
     _common(p)
 
     p = sub.add_parser("build", help="build a new index generation from the committed embeddings")
@@ -149,6 +152,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from shoal.cluster.ingest import ingest
 
     cfg = _config(args)
+    if args.watch:
+        return _watch(args, cfg)
     r = ingest(args.paths, cfg, build=not args.no_build)
     if args.json:
         print(json.dumps(r.as_dict(), indent=2, default=str))
@@ -163,6 +168,15 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watch(args: argparse.Namespace, cfg: Config) -> int:
+    """`shoal ingest --watch`: SIGTERM or SIGINT ends it between two batches (a second SIGINT at once)."""
+    from shoal.cluster.watch import watch
+
+    if args.no_build:
+        raise ShoalError("--watch publishes a generation per update: it cannot go with --no-build")
+    return watch(args.paths, cfg, out=lambda s: print(s, file=sys.stderr, flush=True), signals=True)
+
+
 def cmd_build(args: argparse.Namespace, retrain: bool = False) -> int:
     from shoal.cluster.build import build_generation
     from shoal.workers.catalog import Catalog
@@ -170,7 +184,7 @@ def cmd_build(args: argparse.Namespace, retrain: bool = False) -> int:
     from shoal.index import generations
 
     cfg = _config(args)
-    with data_dir_lock(cfg.data_path), Catalog(layout.catalog(cfg.data_path)) as cat:
+    with data_dir_lock(cfg.data_path, "shoal build"), Catalog(layout.catalog(cfg.data_path)) as cat:
         name = build_generation(cfg, cat, retrain=retrain)
     _, m = generations.open_current(cfg.data_path)
     print(f"built generation {name} ({m['build_mode']}: {m['build_reason']}): {m['factory']}, "
@@ -191,7 +205,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from shoal.cluster.tune import tune
 
     cfg = _config(args)
-    with data_dir_lock(cfg.data_path):
+    with data_dir_lock(cfg.data_path, "shoal tune"):
         best, points = tune(cfg, args.target_recall, args.k, args.queries)
     print(f"{'nprobe':>7} {'recall@' + str(args.k):>10} {'ms/query':>9}")
     for p in points:
@@ -403,7 +417,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     keep = args.keep if args.keep is not None else cfg.index.keep_generations
     if keep < 1:
         raise ShoalError(f"--keep must be >= 1, got {keep}")
-    with data_dir_lock(cfg.data_path):
+    with data_dir_lock(cfg.data_path, "shoal gc"):
         gone = generations.gc(cfg.data_path, keep)
     print(f"removed {len(gone)} generation(s)" + (f": {', '.join(gone)}" if gone else ""))
     return 0

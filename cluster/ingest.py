@@ -32,7 +32,7 @@ from shoal.index.errors import IndexMismatchError, ShoalError
 from shoal.workers.embed import EmbedSpec, TokenBatch
 from shoal.workers.pool import EmbedPool, PoolSpec
 from shoal.workers.reader import ChunkSpec, Prepared, ReadPool, auto_workers
-from shoal.workers.scan import FileEntry, Skipped, ignore_matcher, walk
+from shoal.workers.scan import IN_MOTION, FileEntry, Skipped, display_path, ignore_matcher, walk
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,12 @@ class IngestReport:
     unchanged: int = 0
     deleted: int = 0
     skipped: Counter = field(default_factory=Counter)
-    chunks_added: int = 0
+    chunks_added: int = 0  # embedded
     chunks_removed: int = 0
+    chunks_copied: int = 0  # not embedded: the vectors of another file with the same bytes (a rename, a copy)
+    copies: int = 0  # files whose vectors came from such a file
+    in_motion: list[str] = field(default_factory=list)  # written or replaced while read: read again next time
+    roots_missing: list[str] = field(default_factory=list)  # gone from disk: their files left the index
     bytes_read: int = 0
     bytes_done: int = 0  # bytes of files finished: committed, unchanged or skipped (the progress measure)
     batches: int = 0
@@ -95,17 +99,27 @@ class Stages:
             self.d[name] = self.d.get(name, 0.0) + time.perf_counter() - t0
 
 @contextmanager
-def data_dir_lock(data: Path) -> Iterator[None]:
-    """One writer per data dir: a second ingest/build fails fast instead of interleaving."""
+def data_dir_lock(data: Path, holder: str = "shoal ingest") -> Iterator[None]:
+    """One writer per data dir: a second ingest/build fails fast instead of interleaving. The holder
+    writes who it is (pid, what, since when) into the lock file, and the error names it."""
     data.mkdir(parents=True, exist_ok=True)
     with open(layout.lock(data), "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
-            raise ShoalError(f"another shoal ingest or build holds {data / 'write.lock'}; wait for it to finish") from e
+            f.seek(0)
+            who = f.read().strip() or "another shoal ingest or build"
+            hint = "; stop it first (`ray job stop`, or SIGTERM)" if "--watch" in who else "; wait for it to finish"
+            raise ShoalError(f"{who} holds {layout.lock(data)}{hint}") from e
         try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{holder} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            f.flush()
             yield
         finally:
+            f.seek(0)
+            f.truncate()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 def resolve_roots(paths: Sequence[str]) -> list[str]:
@@ -216,6 +230,7 @@ class RootPass:
 
     root: str
     known: dict[str, FileRow]
+    scope: Optional[list[str]] = None  # an update's paths under the root (None: all of it)
     seen: set[str] = field(default_factory=set)
     skips: list[Skipped] = field(default_factory=list)
     waiting: collections.deque = field(default_factory=collections.deque)  # (entry, committed row or None)
@@ -228,12 +243,24 @@ class Pending:
     tokens: list[TokenBatch] = field(default_factory=list)
     chunks: int = 0
 
+class Stopped(ShoalError):
+    """A stop was asked for (SIGTERM, SIGINT): the run ends between two batches; what is committed stays."""
+
+
 class IngestRun:
     """One ingest, as the pipeline's steps: walk each root -> read and chunk what changed (Ray tasks) ->
-    embed in batches (the actors) -> commit each batch in order -> remove what is gone -> build."""
+    embed in batches (the actors) -> commit each batch in order -> remove what is gone -> build.
 
-    def __init__(self, cfg: Config, cat: Catalog, roots: list[str], out: Callable[[str], None], t0: float) -> None:
+    ``only`` (root -> paths under it): a watcher's update, which walks just those paths (a file, or a
+    folder and what is under it) and removes only what is gone from under them. ``pool``: actors that
+    outlive the run (the watcher's), else the run starts its own and stops them. ``stop``: asked between
+    files and batches; true ends the run (Stopped) with nothing half-committed."""
+
+    def __init__(self, cfg: Config, cat: Catalog, roots: list[str], out: Callable[[str], None], t0: float, *,
+                 pool: Optional[EmbedPool] = None, only: Optional[dict[str, list[str]]] = None,
+                 stop: Callable[[], bool] = lambda: False) -> None:
         self.cfg, self.cat, self.roots, self.out, self.t0 = cfg, cat, roots, out, t0
+        self.only, self.stop = only, stop
         self.cpu0 = time.process_time()
         self.data = cfg.data_path
         self.stage = layout.staging(self.data)
@@ -245,10 +272,12 @@ class IngestRun:
         self.timed = Stages(self.report.stages)
         if prev is not None:
             out(f"[ingest] run {prev} did not finish; resuming (committed files are kept)")
-        self.pool = EmbedPool(pool_spec(cfg), run=str(run_id))
-        sizes = [count_files(r, cfg, self.data) for r in roots]
+        self.own_pool = pool is None
+        self.pool = EmbedPool(pool_spec(cfg), run=str(run_id)) if pool is None else pool
+        sizes = [count_files(r, cfg, self.data) for r in roots] if only is None else []  # an update: no count
         self.progress = Progress(out, sum(n for n, _ in sizes), sum(b for _, b in sizes))
         self._reader: Optional[ReadPool] = None
+        self._staged: Optional[staging.PartVectors] = None
         self.pending = Pending()
 
     # -- the pipeline --------------------------------------------------------------------------
@@ -261,22 +290,39 @@ class IngestRun:
             self.collect_figures()
             r.generation = self.build() if build else generations.current_name(self.data)
             status = "done"
+        except Stopped:
+            status = "stopped"
+            raise
         finally:
             r.seconds = time.perf_counter() - self.t0
             r.stages["scan"] = max(0.0, r.seconds - sum(v for k, v in r.stages.items() if k != "scan"))
             r.driver_cpu_seconds = time.process_time() - self.cpu0
-            if self.pool.actors:
+            if self.own_pool and self.pool.actors:
                 self.pool.shutdown()
             self.cat.finish_run(r.run_id, status, r.as_dict())
         self.progress.tick(r, force=True)
         return r
 
     def ingest_root(self, root: str) -> None:
-        """Walk one root: unchanged files are kept, changed ones read, embedded and committed; then the
-        files that are gone leave the catalog and the skipped ones are recorded."""
-        rp = RootPass(root, self.cat.files_under(root))
+        """Walk one root (or, for an update, the paths under it that changed): unchanged files are kept,
+        changed ones read, embedded and committed; then the files that are gone leave the catalog and the
+        skipped ones are recorded."""
+        scope = None if self.only is None else self.only.get(root, [])
+        if scope == []:
+            return
+        known: dict[str, FileRow] = {}
+        for p in scope or [root]:
+            known.update(self.cat.files_under(p))
+        rp = RootPass(root, known, scope=scope)
+        if not os.path.lexists(root):  # the whole root was deleted: its files are treated as deleted
+            self.report.roots_missing.append(root)
+            self.out(f"[ingest] {display_path(root)} is gone; its {len(known)} files leave the index")
+            self.remove_gone(rp)
+            return
         for item in walk([root], ignore=self.cfg.scan.ignore, max_file_bytes=self.cfg.scan.max_file_bytes,
-                         follow_symlinks=self.cfg.scan.follow_symlinks, exclude_dirs=[str(self.data)]):
+                         follow_symlinks=self.cfg.scan.follow_symlinks, exclude_dirs=[str(self.data)], only=scope):
+            if self.stop():
+                raise Stopped("stopped while walking")
             self.walked(rp, item)
             self.progress.tick(self.report)
         if self._reader is not None:
@@ -318,14 +364,18 @@ class IngestRun:
         item, old = rp.waiting.popleft()
         assert item.path == p.path, (item.path, p.path)
         if p.skip is not None:
-            rp.seen.discard(item.path)
-            rp.skips.append(Skipped(item.path, *p.skip))
             r.skipped[p.skip[0]] += 1
             r.bytes_done += item.size
+            if p.skip[0] in IN_MOTION:  # never half-indexed: the committed version stays until a clean read
+                r.in_motion.append(item.path)
+                return
+            rp.seen.discard(item.path)
+            rp.skips.append(Skipped(item.path, *p.skip))
             return
         r.bytes_read += item.size
+        size, mtime_ns = (p.size, p.mtime_ns) if p.size >= 0 else (item.size, item.mtime_ns)
         if p.same:
-            self.cat.touch_file(item.path, item.size, item.mtime_ns)
+            self.cat.touch_file(item.path, size, mtime_ns)
             r.unchanged += 1
             r.bytes_done += item.size
             return
@@ -340,17 +390,46 @@ class IngestRun:
             r.bytes_done += item.size
             return
         assert p.tokens is not None
-        self.pending.files.append(FileBatch(item.path, item.root, item.size, item.mtime_ns, p.digest, p.kind, p.chunks))
+        fb = FileBatch(item.path, item.root, size, mtime_ns, p.digest, p.kind, p.chunks)
+        if self.copied(fb):
+            return
+        self.pending.files.append(fb)
         self.pending.tokens.append(p.tokens)
         self.pending.chunks += len(p.chunks)
         if self.pending.chunks >= self.cfg.embed.batch_chunks:
             self.embed_pending()
+
+    def copied(self, fb: FileBatch) -> bool:
+        """A file with the same bytes as one already committed (a rename, a copy) takes that file's staged
+        vectors: committed now, nothing embedded. False where there is none (or its vectors are not all
+        found)."""
+        ids = self.cat.chunks_with_digest(fb.sha256, len(fb.chunks), fb.path)
+        if ids is None:
+            return False
+        if self._staged is None:
+            self._staged = staging.PartVectors(self.stage, self.cat.parts())
+        got, xb = self._staged.get(ids)
+        if len(got) != len(ids):  # committed by this run, after the parts were listed
+            self._staged = staging.PartVectors(self.stage, self.cat.parts())
+            got, xb = self._staged.get(ids)
+        if len(got) != len(ids):
+            return False
+        r = self.report
+        with self.timed("commit"):
+            dtype = self.cfg.index.staging_dtype
+            self.cat.commit_files([fb], write_part=lambda new: staging.write_part(self.stage, new, xb, dtype))
+        r.copies += 1
+        r.chunks_copied += len(ids)
+        r.bytes_done += fb.size
+        return True
 
     def embed_pending(self) -> None:
         """Send the pending files' chunks to the actors as one batch of input ids (waiting for a free slot
         first: at most embed.max_in_flight batches per actor). Identical chunk texts are embedded once."""
         if not self.pending.files:
             return
+        if self.stop():
+            raise Stopped("stopped before the next batch")
         while self.pool.full():
             self.wait_commit()
         files, tokens = self.pending.files, TokenBatch.concat(self.pending.tokens)
@@ -389,17 +468,18 @@ class IngestRun:
         """Files the catalog had under the root that the walk did not find leave it (never what lies under a
         folder that could not be read this time); the root's skipped files are recorded afresh."""
         blind = tuple(s.path.rstrip("/") + "/" for s in rp.skips if s.reason == "unreadable-dir")
-        gone = [p for p in rp.known if p not in rp.seen and not p.startswith(blind)]
+        moving = set(self.report.in_motion)
+        gone = [p for p in rp.known if p not in rp.seen and p not in moving and not p.startswith(blind)]
         skipped_now = {s.path for s in rp.skips}
         self.report.deleted += sum(1 for p in gone if p not in skipped_now)
         self.report.chunks_removed += self.cat.delete_files(gone)
-        self.cat.clear_skipped(rp.root)
+        self.cat.clear_skipped(rp.root, keep=moving, under=rp.scope)
         self.cat.record_skipped(rp.skips, rp.root, self.report.run_id)
 
     def build(self) -> Optional[str]:
         """A new generation where the catalog changed (or the keyword analysis did, or there is none yet)."""
         r, live = self.report, generations.current_name(self.data)
-        changed = bool(r.chunks_added or r.chunks_removed or r.deleted)
+        changed = bool(r.chunks_added or r.chunks_copied or r.chunks_removed or r.deleted)
         if live is not None and not changed:
             from shoal.cluster.build import keyword_stale
 
@@ -420,7 +500,8 @@ class IngestRun:
             workers = 0
             with self.timed("startup"):
                 init_ray(self.cfg.ray.address, num_cpus=self.cfg.ray.num_cpus, num_gpus=self.cfg.ray.num_gpus)
-                self.pool.start()
+                if not self.pool.actors:  # a watcher's pool is up already
+                    self.pool.start()
                 if self.cfg.ingest.read_workers:
                     workers = auto_workers(self.cfg.ingest.read_workers, self.pool.actor_cpus)
             self.report.read_workers = workers

@@ -60,6 +60,9 @@ class SearchOptions(BaseModel):
     group: Group = Field("chunk", description="chunk: k passages; file: k files, each with its best passage "
                                               "and its other matching passages (ids, offsets, scores)")
     highlight: bool = Field(False, description="where the query's terms are in each text (always with group file)")
+    feedback: Optional[Literal["none", "dense"]] = Field(
+        None, description="dense: look twice, the query vector moved toward the first answer's top chunks "
+                          "(default: query.feedback)")
 
 
 # "Blank" as JSON Schema means it: ECMA-262's whitespace, spelled out so that the schema's pattern,
@@ -134,6 +137,7 @@ class Answer:
     mode: str
     generation: Optional[str]
     missing: list[int] = field(default_factory=list)
+    feedback: Optional[str] = None  # "dense" where some query looked twice
 
     @property
     def partial(self) -> bool:
@@ -292,8 +296,11 @@ class QueryCore:
         widen = 1
         while True:
             plan = Plan.of(opts, self.cfg, widen)
-            dense, kw, mode = await self._sides(queries, opts, plan, allowed, clock)
+            dense, kw, mode, xq = await self._sides(queries, opts, plan, allowed, clock)
             D, I = await self._fused(dense, kw, plan, allowed, clock)
+            looked = False
+            if (opts.feedback or self.cfg.query.feedback) == "dense" and dense is not None and xq is not None:
+                D, I, dense, looked = await self._look_twice(xq, dense, kw, D, I, plan, opts, allowed, clock)
             hits = await self._hits(D, I, plan.want)
             clock("catalog")
             if opts.group == "file":  # files, ranked by their best chunk (the re-ranker then orders files)
@@ -314,7 +321,42 @@ class QueryCore:
             hits = await self._highlighted(generation, queries, hits)
             clock("highlight")
         clock.done()
-        return Answer(hits, mode, generation, dense.missing if dense else [])
+        return Answer(hits, mode, generation, dense.missing if dense else [], feedback="dense" if looked else None)
+
+    async def _look_twice(self, xq: np.ndarray, dense: DenseResult, kw: Optional[tuple[np.ndarray, np.ndarray, str]],
+                          D: np.ndarray, I: np.ndarray, plan: "Plan", opts: SearchOptions,
+                          allowed: Optional[np.ndarray], clock: "Clock") -> tuple[np.ndarray, np.ndarray, DenseResult, bool]:
+        """Pseudo-relevance feedback: the query vector moves toward the exact vectors (from staging) of the
+        first answer's top ``query.feedback_docs`` chunks, the shard groups are asked again, and the new dense
+        side is fused again with the same keyword side. Only the queries the rule picks look twice."""
+        from shoal.index.feedback import looks_twice, rocchio, top_ids
+
+        q = self.cfg.query
+        source = I if q.feedback_source == "hybrid" or kw is None else dense.I
+        pick = looks_twice(q.feedback_when, dense.I, kw[1] if kw is not None else None, q.feedback_docs)
+        if not pick.any():
+            return D, I, dense, False
+        tops = top_ids(source, q.feedback_docs)
+        wanted = np.unique(np.concatenate([t for t, p in zip(tops, pick) if p]))
+        got_ids, got_x = await self._vectors(wanted)
+        row = {int(i): j for j, i in enumerate(got_ids)}
+        fb = [got_x[[row[int(i)] for i in t if int(i) in row]] if p else got_x[:0] for t, p in zip(tops, pick)]
+        clock("feedback_vectors")
+        sel = np.flatnonzero(pick)
+        again = await self.backend.dense(rocchio(xq[sel], [fb[i] for i in sel], q.feedback_weight), plan.side, opts,
+                                         allowed)
+        clock("feedback_dense")
+        D2, I2 = dense.D.copy(), dense.I.copy()
+        D2[sel], I2[sel] = again.D, again.I
+        dense = DenseResult(D2, I2, again.generation, sorted(set(dense.missing) | set(again.missing)))
+        D, I = await self._fused(dense, kw, plan, allowed, clock)
+        return D, I, dense, True
+
+    async def _vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The exact vectors of these chunk ids, from staging (the source of every build), on the data node."""
+        if self.remote is not None:
+            return await self.remote.vectors.remote(ids)
+        return await self._run(self.reader.vectors, ids)
 
     async def _highlighted(self, generation: Optional[str], queries: list[str],
                            hits: list[list[Hit]]) -> list[list[Hit]]:
@@ -341,7 +383,8 @@ class QueryCore:
         return await self._run(self.reader.passage, chunk_id, query, context_chars, whole)
 
     async def _sides(self, queries: list[str], opts: SearchOptions, plan: "Plan", allowed: Optional[np.ndarray],
-                     clock: "Clock") -> tuple[Optional[DenseResult], Optional[tuple[np.ndarray, np.ndarray, str]], str]:
+                     clock: "Clock") -> tuple[Optional[DenseResult], Optional[tuple[np.ndarray, np.ndarray, str]], str,
+                                              Optional[np.ndarray]]:
         """The dense side (encode, then the shard groups) and the keyword side, at the same time: the
         keyword search runs while the query is encoded and the groups answer. The keyword side must come from
         the generation the vectors came from: where a switch came between the two, it is asked again."""
@@ -349,6 +392,7 @@ class QueryCore:
         guess = self.backend.serving_generation()
         kw_task = asyncio.ensure_future(self._keyword_timed(guess, queries, plan.side)) if mode != "dense" else None
         dense: Optional[DenseResult] = None
+        xq: Optional[np.ndarray] = None
         try:
             if mode != "keyword":
                 xq = await self.backend.encode(queries)
@@ -369,7 +413,7 @@ class QueryCore:
                 if mode == "keyword":
                     raise Conflict("this generation has no keyword index (index.keyword is false)")
                 mode = "dense"  # hybrid without a keyword index: the dense side alone
-        return dense, kw, mode
+        return dense, kw, mode, xq
 
     async def _keyword_timed(self, generation: Optional[str], queries: list[str],
                              n: int) -> Optional[tuple[np.ndarray, np.ndarray, str]]:

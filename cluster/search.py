@@ -98,7 +98,8 @@ class Searcher:
 
     def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None,
                mode: Optional[str] = None, rerank: bool = False, path_prefix: Optional[str] = None,
-               file_type: Optional[list[str]] = None, group: str = "chunk") -> list[list[Hit]]:
+               file_type: Optional[list[str]] = None, group: str = "chunk",
+               feedback: Optional[str] = None) -> list[list[Hit]]:
         """Top-k hits per query: ``mode`` dense (vectors), keyword (BM25) or hybrid (both fused).
 
         ``rerank``: the top serve.rerank_candidates are re-scored by the
@@ -108,7 +109,7 @@ class Searcher:
         if not queries:
             return []
         req = validate(queries, k=k, nprobe=nprobe, mode=mode, rerank=rerank, path_prefix=path_prefix,
-                       file_type=file_type, group=group)
+                       file_type=file_type, group=group, feedback=feedback)
         return asyncio.run(self.core.search(req.queries, req)).hits
 
     def search_ids(self, qs: Sequence[str], k: int, nprobe: Optional[int] = None,

@@ -130,6 +130,68 @@ def gather(staging: Path, parts: Sequence[tuple[str, int, int]], ids: np.ndarray
     return np.concatenate(got_l), np.concatenate(xb_l)
 
 
+def _mapped_member(path: Path, member: str) -> np.ndarray:
+    """One array of an ``.npz`` part, memory-mapped: np.savez stores members uncompressed, so each is a
+    plain ``.npy`` at an offset of the zip file (read in full only where one is compressed)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            with z.open(member) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the local file header: its name and extra field lengths say where the data is
+        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+class PartVectors:
+    """Vectors of any live ids straight from the staged parts, memory-mapped: a few rows read per call, for
+    the query side (feedback takes the exact vectors of a query's top hits from here)."""
+
+    def __init__(self, staging: Path, parts: Sequence[tuple[str, int, int]]) -> None:
+        self.staging = staging
+        self.parts = sorted(parts, key=lambda p: (p[1], p[0]))
+        self.lo = np.array([p[1] for p in self.parts], dtype=np.int64)
+        self.hi = np.array([p[2] for p in self.parts], dtype=np.int64)
+        self._open: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        got = self._open.get(name)
+        if got is None:
+            path = self.staging / name
+            try:
+                got = (_mapped_member(path, "ids.npy"), _mapped_member(path, "xb.npy"))
+            except (OSError, KeyError, ValueError) as e:
+                raise CorruptFileError(f"staged vector part {path} cannot be read: {e}") from e
+            if len(self._open) > 64:
+                self._open.clear()
+            self._open[name] = got
+        return got
+
+    def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found ids, their vectors as float32) in the order of ``ids``; ids in no part are left out."""
+        found, rows = [], []
+        for i in np.asarray(ids, dtype=np.int64):
+            for j in np.flatnonzero((self.lo <= i) & (self.hi >= i)):
+                pid, xb = self._part(self.parts[j][0])
+                pos = int(np.searchsorted(pid, i))
+                if pos < len(pid) and pid[pos] == i:
+                    found.append(int(i))
+                    rows.append(np.asarray(xb[pos], dtype=np.float32))
+                    break
+        d = 0 if not rows else len(rows[0])
+        return np.asarray(found, dtype=np.int64), np.asarray(rows, dtype=np.float32).reshape(len(rows), d)
+
+
 def remove_orphans(staging: Path, registered: Iterable[str]) -> list[str]:
     """Delete part files the catalog never registered (a crash before COMMIT)."""
     if not staging.is_dir():

@@ -142,7 +142,8 @@ async def load(url: str, ask: Ask, queries: list[str], concurrency: int, seconds
 
 
 def in_process(data_dir: str, queries: list[str]) -> dict:
-    """The query core with no HTTP and no Serve (the same defaults: hybrid, k=10): p50/p90 ms."""
+    """The query core with no HTTP and no Serve (the same defaults: hybrid, k=10): p50/p90 ms; then the same
+    queries with feedback off and on (interleaved per query, so that noise falls on both alike)."""
     from shoal.cluster.config import load_config
     from shoal.cluster.search import Searcher
 
@@ -154,9 +155,29 @@ def in_process(data_dir: str, queries: list[str]) -> dict:
         t0 = time.perf_counter()
         s.search([q], k=10)
         lat.append((time.perf_counter() - t0) * 1000)
+    by_fb: dict[str, list[float]] = {"none": [], "dense": []}
+    for q in queries:
+        for fb in by_fb:
+            t0 = time.perf_counter()
+            s.search([q], k=10, feedback=fb)
+            by_fb[fb].append((time.perf_counter() - t0) * 1000)
     runtime = s.qm.runtime
     s.close()
-    return {"p50": statistics.median(lat), "p90": float(np.percentile(lat, 90)), "runtime": runtime}
+    return {"p50": statistics.median(lat), "p90": float(np.percentile(lat, 90)), "runtime": runtime,
+            "feedback_p50": {fb: statistics.median(v) for fb, v in by_fb.items()}}
+
+
+async def feedback_http(url: str, queries: list[str]) -> dict:
+    """c=1 over HTTP, feedback off and on per request, interleaved: p50 ms of each."""
+    lat: dict[str, list[float]] = {"none": [], "dense": []}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        for q in queries:
+            for fb in lat:
+                t0 = time.perf_counter()
+                r = await c.get("/search", params={"q": q, "k": 10, "feedback": fb})
+                r.raise_for_status()
+                lat[fb].append((time.perf_counter() - t0) * 1000)
+    return {fb: statistics.median(v) for fb, v in lat.items()}
 
 
 def measure(name: str, url: str, ask: Ask, queries: list[str], seconds: float) -> dict:
@@ -194,6 +215,7 @@ def main() -> int:
                                     max(1, v["count"] - before.get(k, {}).get("count", 0)),
                                     "overlapped": v["overlapped"]} for k, v in st["stages_ms"].items()}
         results["encoder"] = st.get("encoder", {})
+        results["feedback_http_p50"] = asyncio.run(feedback_http(url, queries))
     finally:
         stop_server(p)
     if a.peer_python:
@@ -239,6 +261,12 @@ def print_tables(r: dict, n: int, seconds: float) -> None:
     print("\n| ratio | goal | measured |\n| --- | --- | ---: |")
     for name, goal, v in rows:
         print(f"| {name} | {goal} | {v:.2f} |")
+    fb_in, fb_http = base.get("feedback_p50"), r.get("feedback_http_p50")
+    if fb_in and fb_http:
+        print(f"\nLooking twice (query.feedback dense against none, per request, interleaved; {n} queries, c=1):\n\n"
+              "| where | p50 ms without | p50 ms with | with / without | goal |\n| --- | ---: | ---: | ---: | --- |")
+        for where, v, goal in (("in-process", fb_in, "<= 1.3"), ("HTTP", fb_http, "-")):
+            print(f"| {where} | {v['none']:.1f} | {v['dense']:.1f} | {v['dense'] / v['none']:.2f} | {goal} |")
     enc = r.get("encoder", {})
     print(f"\nWhere one GET /search spends its time inside the Ingress (50 queries alone; encoder: "
           f"{enc.get('where', '?')}, {enc.get('runtime', '?')}; the rest of the client's time is the Serve proxy "

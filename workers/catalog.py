@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_file ON chunks(file_id);
 CREATE INDEX IF NOT EXISTS files_root ON files(root);
+CREATE INDEX IF NOT EXISTS files_sha256 ON files(sha256);
 CREATE TABLE IF NOT EXISTS skipped (
     path TEXT PRIMARY KEY,
     root TEXT NOT NULL,
@@ -214,6 +215,16 @@ class Catalog:
         ).fetchone()
         return FileRow(*r) if r else None
 
+    def chunks_with_digest(self, sha256: str, n_chunks: int, other_than: str) -> Optional[np.ndarray]:
+        """The chunk ids, in order, of another file with these bytes cut into as many chunks (a copy or a
+        rename: its vectors can be reused); None where there is none."""
+        row = self.db.execute("SELECT id FROM files WHERE sha256=? AND n_chunks=? AND path<>? LIMIT 1",
+                              (sha256, n_chunks, other_than)).fetchone()
+        if row is None:
+            return None
+        ids = [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE file_id=? ORDER BY ordinal", (row[0],))]
+        return np.asarray(ids, dtype=np.int64) if len(ids) == n_chunks else None
+
     def touch_file(self, path: str, size: int, mtime_ns: int) -> None:
         """Record a new mtime for a file whose content hash did not change."""
         with self.transaction() as db:
@@ -281,13 +292,17 @@ class Catalog:
                     (path, root, s.reason, storable(s.detail), run_id),
                 )
 
-    def clear_skipped(self, root: str, keep: Iterable[str] = ()) -> None:
+    def clear_skipped(self, root: str, keep: Iterable[str] = (), under: Optional[Sequence[str]] = None) -> None:
+        """Forget the root's skipped files (``under``: only those at or below these paths)."""
         keep = set(keep)
+        scope = None if under is None else tuple(p.rstrip("/") + "/" for p in under)
+        exact = set(under or ())
         with self.transaction() as db:
             rows = db.execute("SELECT path FROM skipped WHERE root=?", (root,)).fetchall()
             for (p,) in rows:
-                if p not in keep:
-                    db.execute("DELETE FROM skipped WHERE path=?", (p,))
+                if p in keep or (scope is not None and p not in exact and not p.startswith(scope)):
+                    continue
+                db.execute("DELETE FROM skipped WHERE path=?", (p,))
 
     def skipped(self) -> list[Skipped]:
         return [Skipped(*r) for r in self.db.execute("SELECT path, reason, detail FROM skipped ORDER BY path")]
@@ -565,6 +580,7 @@ class CatalogReader:
         self._kw: Optional[tuple[str, Any]] = None
         self._kw_lock = threading.Lock()
         self._roots: tuple[float, tuple[str, ...]] = (0.0, ())
+        self._parts: Optional[tuple[float, Any]] = None
 
     def catalog(self) -> Any:
         if self._catalog is None:
@@ -638,6 +654,23 @@ class CatalogReader:
                     break
             out.append(hs)
         return out
+
+    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found ids, float32 vectors) of live chunks, from the staged parts (memory-mapped rows)."""
+        from shoal.index.staging import PartVectors
+
+        ids = np.asarray(ids, dtype=np.int64)
+        now = time.monotonic()
+        pv = self._parts
+        if pv is None or now - pv[0] > ROOTS_TTL_S:  # parts change only when an ingest commits or a build compacts
+            with self._db_lock:
+                pv = self._parts = (now, PartVectors(layout.staging(self.data), self.catalog().parts()))
+        got = pv[1].get(ids)
+        if len(got[0]) < len(ids):  # a commit or a compaction since: look again once
+            with self._db_lock:
+                self._parts = (now, PartVectors(layout.staging(self.data), self.catalog().parts()))
+            got = self._parts[1].get(ids)
+        return got
 
     def analysis(self, generation: Optional[str]) -> Any:
         """The keyword analysis of ``generation`` (its manifest's, the default where none is recorded)."""

@@ -115,6 +115,9 @@ class DataNode:
     def counts(self) -> dict[str, Any]:
         return self.reader.counts()
 
+    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.reader.vectors(ids)
+
     def highlights(self, generation: Optional[str], query: str, texts: list[str]) -> list[list[list[int]]]:
         return self.reader.highlights(generation, query, texts)
 

@@ -43,3 +43,30 @@ def ingest_metrics() -> IngestMetrics:
                                "Batches submitted to the embedding actors and not yet committed",
                                tag_keys=("job", "run")),
     )
+
+
+@dataclass(frozen=True)
+class WatchMetrics:
+    updates: Any
+    files_per_update: Any
+    freshness_s: Any
+    queue: Any
+
+
+FRESHNESS_BOUNDARIES_S = [0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300]
+FILES_BOUNDARIES = [1, 2, 5, 10, 50, 100, 500, 1000, 10000]
+
+
+@lru_cache(maxsize=1)
+def watch_metrics() -> WatchMetrics:
+    """`shoal ingest --watch`: ray_shoal_watch_* in Prometheus."""
+    from ray.util.metrics import Counter, Gauge, Histogram
+
+    return WatchMetrics(
+        updates=Counter("shoal_watch_updates", "Updates the watcher made (one delta generation each)"),
+        files_per_update=Histogram("shoal_watch_files_per_update", "Files new, changed or deleted per update",
+                                   boundaries=FILES_BOUNDARIES),
+        freshness_s=Histogram("shoal_watch_freshness_s", "Seconds from an update's first change to its generation",
+                              boundaries=FRESHNESS_BOUNDARIES_S),
+        queue=Gauge("shoal_watch_queue", "Changed paths waiting for the next update"),
+    )

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from shoal.workers.chunking import Chunk, InputSpec, chunk_with_ids, input_spec
 from shoal.workers.embed import TokenBatch
-from shoal.workers.scan import SkipFile, read_text
+from shoal.workers.scan import SkipFile, read_text_stat
 
 _TOKENIZERS: dict[tuple[str, bool], Any] = {}  # one per worker process, loaded on its first task
 _INPUTS: dict[tuple[str, bool, int], InputSpec] = {}
@@ -52,6 +52,8 @@ class Prepared:
     skip: Optional[tuple[str, str]] = None  # (reason, detail)
     same: bool = False
     seconds: float = 0.0
+    size: int = -1  # size and mtime as read (the catalog records these: a write after the walk is seen next time)
+    mtime_ns: int = -1
 
 
 def tokenizer_for(model: str, allow_download: bool) -> Any:
@@ -97,16 +99,18 @@ def prepare_files(files: Sequence[tuple[str, Optional[str]]], spec: ChunkSpec) -
     for path, old_sha in files:
         t0 = time.perf_counter()
         try:
-            text, kind, digest = read_text(path, spec.max_file_bytes)
+            text, kind, digest, st = read_text_stat(path, spec.max_file_bytes)
         except SkipFile as e:
             out.append(Prepared(path, skip=(e.reason, e.detail), seconds=time.perf_counter() - t0))
             continue
         if old_sha is not None and old_sha == digest:
-            out.append(Prepared(path, digest, kind, same=True, seconds=time.perf_counter() - t0))
+            out.append(Prepared(path, digest, kind, same=True, seconds=time.perf_counter() - t0,
+                                size=st.st_size, mtime_ns=st.st_mtime_ns))
             continue
         chunks, tokens = chunk_with_ids(text, tokenizer_for(spec.model, spec.allow_download), spec.tokens,
                                         spec.overlap, inputs_for(spec))
-        out.append(Prepared(path, digest, kind, chunks, tokens, seconds=time.perf_counter() - t0))
+        out.append(Prepared(path, digest, kind, chunks, tokens, seconds=time.perf_counter() - t0,
+                            size=st.st_size, mtime_ns=st.st_mtime_ns))
     return out
 
 

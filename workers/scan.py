@@ -17,7 +17,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 SNIFF_BYTES = 8192
 
@@ -97,71 +97,127 @@ def walk(
     max_file_bytes: int = 20 << 20,
     follow_symlinks: bool = True,
     exclude_dirs: Iterable[str] = (),
+    only: Optional[Iterable[str]] = None,
 ) -> Iterator[Union[FileEntry, Skipped]]:
     """Yield every file under ``roots`` as a FileEntry or a Skipped.
 
     Symlinked directories are never followed (no loops); a symlinked file is
-    indexed only when its target lies inside one of the roots.
+    indexed only when its target lies inside one of the roots. ``only``: just
+    these paths under the roots (a file, or a folder and what is under it; one
+    that does not exist yields nothing), as a watcher's update asks; ignore globs
+    and every rule apply as in a full walk.
     """
     roots = [os.path.realpath(r) for r in roots]
-    ignored = ignore_matcher(ignore)
-    excluded = {os.path.realpath(d) for d in exclude_dirs}
+    rules = _Rules(ignore_matcher(ignore), max_file_bytes, follow_symlinks,
+                   {os.path.realpath(d) for d in exclude_dirs}, roots)
     for root in roots:
         if not os.path.isdir(root):
-            yield from _walk_file_root(root, max_file_bytes)
+            if only is None or root in set(only):
+                yield from _walk_file_root(root, max_file_bytes)
             continue
-        stack = [root]
-        while stack:
-            d = stack.pop()
-            try:
-                with os.scandir(d) as it:
-                    entries = sorted(it, key=lambda e: e.name)
-            except OSError as e:
-                yield Skipped(d, "unreadable-dir", e.strerror or str(e))
+        if only is None:
+            yield from _walk_tree(root, root, rules)
+            continue
+        for path in _outermost(os.path.abspath(p) for p in only if _within(os.path.abspath(p), [root])):
+            if path == root:
+                yield from _walk_tree(root, root, rules)
                 continue
-            for e in entries:
-                path = e.path
-                rel = path[len(root.rstrip(os.sep)) + 1:]  # scandir joins d and the name: path lies under root
-                if ignored(e.name, rel):
-                    continue  # ignore globs are the user's wish, not a problem to list
-                try:
-                    if e.is_symlink():
-                        target = os.path.realpath(path)
-                        if os.path.isdir(target):
-                            yield Skipped(path, "symlink-dir", "symlinked directories are not followed")
-                            continue
-                        if not follow_symlinks:
-                            yield Skipped(path, "symlink", "scan.follow_symlinks is false")
-                            continue
-                        if not os.path.exists(target):
-                            yield Skipped(path, "broken-symlink", f"target {target} does not exist")
-                            continue
-                        if not _within(target, roots):
-                            yield Skipped(path, "symlink-outside-roots", f"target {target} is outside the roots")
-                            continue
-                    st = e.stat(follow_symlinks=True)
-                except OSError as err:
-                    yield Skipped(path, "unreadable", err.strerror or str(err))
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    if os.path.realpath(path) not in excluded:
-                        stack.append(path)
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    yield Skipped(path, "not-a-regular-file")
-                    continue
-                try:
-                    path.encode("utf-8")
-                except UnicodeEncodeError:
-                    yield Skipped(path, "undecodable-name", "file name is not valid UTF-8")
-                    continue
-                if st.st_size > max_file_bytes:
-                    yield Skipped(path, "too-large", f"{st.st_size} bytes > scan.max_file_bytes {max_file_bytes}")
-                    continue
-                if os.path.splitext(e.name)[1].lower() in BINARY_EXTS:
-                    yield Skipped(path, "binary", "binary file type")
-                    continue
-                yield FileEntry(path, root, st.st_size, st.st_mtime_ns)
+            rel = path[len(root.rstrip(os.sep)) + 1:]
+            if any(rules.ignored(part, "/".join(rel.split(os.sep)[:i + 1])) for i, part in enumerate(rel.split(os.sep))):
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):
+                if os.path.realpath(path) not in rules.excluded:
+                    yield from _walk_tree(root, path, rules)
+            elif os.path.lexists(path):
+                yield from _entry(root, path, os.path.basename(path), rules)
+
+
+def _outermost(paths: Iterable[str]) -> list[str]:
+    """Sorted, without the paths that lie under another one (a folder's walk yields them already)."""
+    every = set(paths)
+
+    def under_another(p: str) -> bool:
+        up = os.path.dirname(p)
+        while up and up != p:
+            if up in every:
+                return True
+            p, up = up, os.path.dirname(up)
+        return False
+
+    return sorted(p for p in every if not under_another(p))
+
+
+@dataclass(frozen=True)
+class _Rules:
+    ignored: Callable[[str, str], bool]
+    max_file_bytes: int
+    follow_symlinks: bool
+    excluded: set
+    roots: list
+
+
+def _walk_tree(root: str, top: str, rules: _Rules) -> Iterator[Union[FileEntry, Skipped]]:
+    """Every file under ``top`` (a folder inside ``root``), in name order."""
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            yield Skipped(d, "unreadable-dir", e.strerror or str(e))
+            continue
+        for e in entries:
+            rel = e.path[len(root.rstrip(os.sep)) + 1:]  # scandir joins d and the name: the path lies under root
+            if rules.ignored(e.name, rel):
+                continue  # ignore globs are the user's wish, not a problem to list
+            for got in _entry(root, e.path, e.name, rules):
+                if isinstance(got, str):
+                    stack.append(got)
+                else:
+                    yield got
+
+
+def _entry(root: str, path: str, name: str, rules: _Rules) -> Iterator[Union[FileEntry, Skipped, str]]:
+    """One path inside ``root``: a FileEntry, a Skipped with its reason, or the path itself (a folder to enter)."""
+    try:
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            if os.path.isdir(target):
+                yield Skipped(path, "symlink-dir", "symlinked directories are not followed")
+                return
+            if not rules.follow_symlinks:
+                yield Skipped(path, "symlink", "scan.follow_symlinks is false")
+                return
+            if not os.path.exists(target):
+                yield Skipped(path, "broken-symlink", f"target {target} does not exist")
+                return
+            if not _within(target, rules.roots):
+                yield Skipped(path, "symlink-outside-roots", f"target {target} is outside the roots")
+                return
+        st = os.stat(path)
+    except OSError as err:
+        yield Skipped(path, "unreadable", err.strerror or str(err))
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if os.path.realpath(path) not in rules.excluded:
+            yield path
+        return
+    if not stat.S_ISREG(st.st_mode):
+        yield Skipped(path, "not-a-regular-file")
+        return
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        yield Skipped(path, "undecodable-name", "file name is not valid UTF-8")
+        return
+    if st.st_size > rules.max_file_bytes:
+        yield Skipped(path, "too-large", f"{st.st_size} bytes > scan.max_file_bytes {rules.max_file_bytes}")
+        return
+    if os.path.splitext(name)[1].lower() in BINARY_EXTS:
+        yield Skipped(path, "binary", "binary file type")
+        return
+    yield FileEntry(path, root, st.st_size, st.st_mtime_ns)
 
 
 def _walk_file_root(path: str, max_file_bytes: int) -> Iterator[Union[FileEntry, Skipped]]:
@@ -258,15 +314,39 @@ def pdf_to_text(data: bytes) -> str:
     return "\n\n".join(pages)
 
 
+# a file that moved under the reader: read again by the next pass, its committed version kept meanwhile
+IN_MOTION = ("changed-while-read", "replaced-while-read")
+
+
 def read_text(path: str, max_bytes: int = 20 << 20) -> tuple[str, str, str]:
     """Read one file -> (text, kind, sha256 of the bytes). Raises SkipFile."""
+    text, kind, digest, _ = read_text_stat(path, max_bytes)
+    return text, kind, digest
+
+
+def read_bytes_stable(path: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """The file's bytes (up to max_bytes + 1) and its stat as they were read. A file written, truncated,
+    replaced or deleted while it was read raises SkipFile: its bytes may be half old, half new."""
     try:
         with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
             data = f.read(max_bytes + 1)
+            after = os.fstat(f.fileno())
+        now = os.stat(path)
     except FileNotFoundError as e:
         raise SkipFile("vanished", "file disappeared before it was read") from e
     except OSError as e:
         raise SkipFile("unreadable", e.strerror or str(e)) from e
+    if (now.st_ino, now.st_dev) != (before.st_ino, before.st_dev):
+        raise SkipFile("replaced-while-read", "another file took its name while it was read; read again next time")
+    if any((a.st_size, a.st_mtime_ns) != (before.st_size, before.st_mtime_ns) for a in (after, now)):
+        raise SkipFile("changed-while-read", "the file was written while it was read; read again next time")
+    return data, before
+
+
+def read_text_stat(path: str, max_bytes: int = 20 << 20) -> tuple[str, str, str, os.stat_result]:
+    """Read one file -> (text, kind, sha256 of the bytes, its stat when read). Raises SkipFile."""
+    data, st = read_bytes_stable(path, max_bytes)
     if len(data) > max_bytes:
         raise SkipFile("too-large", f"more than scan.max_file_bytes {max_bytes}")
     digest = hashlib.sha256(data).hexdigest()
@@ -279,7 +359,7 @@ def read_text(path: str, max_bytes: int = 20 << 20) -> tuple[str, str, str]:
             text = html_to_text(text)
     if not text.strip():
         raise SkipFile("empty", "no text content")
-    return text, kind, digest
+    return text, kind, digest, st
 
 
 def display_path(path: str | Path) -> str:

@@ -6,6 +6,7 @@ Every process here is real: the head, the job driver, the embedding actors; kill
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -302,5 +303,91 @@ def test_serve_shard_groups_on_two_logical_gpus(corpus, reference, tmp_path):
         r = httpx.get(url + "/search", params={"q": "experimental investigation of the aerodynamics of a wing in a "
                                                     "slipstream", "k": 1, "mode": "dense"}, timeout=60).json()
         assert r["hits"][0]["path"] == str(corpus / "docs" / "1.txt")
+    finally:
+        head.stop()
+
+
+def file_count(data: Path) -> int:
+    try:
+        db = sqlite3.connect(f"file:{data / 'catalog.sqlite'}?mode=ro", uri=True, timeout=1)
+        n = db.execute("SELECT count(*) FROM files").fetchone()[0]
+        db.close()
+        return n
+    except sqlite3.Error:
+        return 0
+
+
+def wait_for(what, pred, timeout_s=300):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {timeout_s}s")
+
+
+def test_watch_as_a_ray_job_polls_stops_on_job_stop_and_resumes_after_sigkill(corpus, reference, tmp_path):
+    """`ray job submit -- shoal ingest --watch` (polling): the first pass equals a plain ingest, a new file is
+    found by polling, `ray job stop` ends it cleanly (lock released, nothing half-done); then a watcher
+    SIGKILLed mid-update resumes on its next start with no chunk lost or doubled, and SIGTERM stops it."""
+    import yaml
+
+    docs = tmp_path / "docs"
+    shutil.copytree(corpus / "docs", docs)
+    cfg = yaml.safe_load((ROOT / "configs" / "test.yaml").read_text())
+    cfg["ingest"] = dict(cfg["ingest"], watch="poll", watch_poll_interval_s=0.5, watch_debounce_s=0.5)
+    cfg["embed"] = dict(cfg["embed"], batch_chunks=8)
+    (tmp_path / "watch.yaml").write_text(yaml.safe_dump(cfg))
+    data = tmp_path / "data"
+    args = ("ingest", str(docs), "--watch", "--config", str(tmp_path / "watch.yaml"), "--data-dir", str(data))
+    head = Head(tmp_path, num_gpus=0)
+    try:
+        r = subprocess.run(["ray", "job", "submit", "--no-wait", "--address", head.dashboard, "--working-dir", ".",
+                            "--runtime-env", "configs/runtime_env.yaml", "--", "shoal", *args],
+                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        [job] = set(re.findall(r"raysubmit_\w+", r.stdout + r.stderr))
+
+        def logs() -> str:
+            return subprocess.run(["ray", "job", "logs", "--address", head.dashboard, job], cwd=ROOT, env=env(),
+                                  capture_output=True, text=True, timeout=120).stdout
+
+        wait_for("the first pass", lambda: "[watch] first pass" in logs())
+        assert "(poll)" in logs()
+        check_same(data, reference)  # the first pass is a plain ingest
+        (docs / "polled.txt").write_text("a file that only a poll of the folder can find: beryllium heat shield")
+        wait_for("the polled file", lambda: file_count(data) == 81, 120)
+        assert "ingest --watch" in (data / "write.lock").read_text()
+        r = subprocess.run(["ray", "job", "stop", "--address", head.dashboard, job], cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        wait_for("the job to stop", lambda: "stopped after" in logs(), 60)
+        assert "SIGTERM: stopping" in logs()
+        assert (data / "write.lock").read_text() == ""  # released: the next writer may start
+
+        # SIGKILL mid-update: 40 new files in, killed once some of their batches are committed
+        p = shoal(*args, "--address", head.address)
+        lines: list[str] = []
+        while not any("[watch] first pass" in s for s in lines):
+            line = p.stdout.readline()
+            assert line, "".join(lines)[-3000:]
+            lines.append(line)
+        before = parts(data)
+        for i, d in enumerate(cranfield_docs(120)[80:120]):
+            (docs / f"new{i}.txt").write_text(d["title"] + "\n\n" + d["text"])
+        wait_for("a committed batch of the update", lambda: parts(data) >= before + 2, 120)
+        assert file_count(data) < 121, "the update finished before it could be killed"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p = shoal(*args, "--address", head.address)
+        wait_for("the resumed pass", lambda: file_count(data) == 121, 300)
+        wait_for("its generation", lambda: len(index_ids(data)) == len(chunk_map(data)), 120)
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0 and "did not finish; resuming" in out and "stopped after" in out, out[-3000:]
+        got = chunk_map(data)
+        assert {k: v for k, v in got.items() if k in reference} == reference  # the first 80: untouched
+        ids = np.array(sorted(got.values()))
+        assert len(set(ids)) == len(ids) and np.array_equal(index_ids(data), ids)  # none lost, none twice
     finally:
         head.stop()

@@ -17,7 +17,8 @@ import eval_beir  # noqa: E402
 def slice_eval(tmp_path_factory):
     work = tmp_path_factory.mktemp("eval")
     res = eval_beir.main([str(CRANFIELD), "--limit-docs", "200", "--config", str(ROOT / "configs" / "test.yaml"),
-                          "--work", str(work), "--out", str(work / "scores.json"), "--tune-fusion"],
+                          "--work", str(work), "--out", str(work / "scores.json"), "--tune-fusion",
+                          "--feedback-grid", "quick"],
                          out=lambda s: None)
     return res, work
 
@@ -50,6 +51,16 @@ def test_fusion_tuned_on_one_half_reported_on_the_other(slice_eval):
                 and abs(o["alpha"] - r["alpha"]) <= 0.1 + 1e-9]
         assert abs(r["smoothed"] - sum(near) / len(near)) < 1e-9
     assert len(res["grid"]) == len(eval_beir.FUSION_GRID)
+    # feedback: tuned on the same half, its run reported beside hybrid with per-query wins and losses
+    assert len(res["feedback_grid"]) == len(eval_beir.FEEDBACK_QUICK)
+    best_fb = max(r["smoothed"] for r in res["feedback_grid"])
+    assert any(r["smoothed"] == best_fb and r["feedback"] == res["feedback_chosen"][0] for r in res["feedback_grid"])
+    [fb_run] = [n for n in res["per_query"] if n.startswith("shoal hybrid +feedback")]
+    for label, qids in (("report half", report_q), ("tuning half", tune_q)):
+        wl = res["summary"][label]["feedback vs hybrid"]
+        assert wl["better"] + wl["worse"] + wl["equal"] == len(qids)
+        assert wl["better"] == sum(res["per_query"][fb_run][q]["ndcg_cut_10"] >
+                                   res["per_query"]["shoal hybrid"][q]["ndcg_cut_10"] + 1e-9 for q in qids)
     for label, qids in (("report half", report_q), ("tuning half", tune_q)):
         for other in ("dense", "keyword"):
             wl = res["summary"][label][f"hybrid vs {other}"]

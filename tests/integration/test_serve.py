@@ -87,6 +87,28 @@ def test_results_equal_in_process(served, lm):
     assert h["path"] == str(paths["1"]) and paths["1"].read_text()[h["start"]:h["end"]] == h["text"]
 
 
+def test_feedback_over_http_answers_as_in_process(served, lm):
+    """feedback none and dense per request, hybrid: the same ids and scores as the in-process core, the
+    response says where the query looked twice, and looking twice changes some answer."""
+    cfg, client, _, _, _ = served
+    s = Searcher(cfg, lm=lm)
+    answers = {}
+    try:
+        for q in QUERIES:
+            for fb in ("none", "dense"):
+                body = client.post("/search", json={"q": q, "k": 5, "feedback": fb}).json()
+                [local] = s.search([q], k=5, feedback=fb)
+                assert [h["id"] for h in body["hits"]] == [h.id for h in local], (q, fb)
+                assert np.allclose([h["score"] for h in body["hits"]], [h.score for h in local], atol=1e-4)
+                assert body.get("feedback") == ("dense" if fb == "dense" else None)
+                answers[q, fb] = [h["id"] for h in body["hits"]]
+    finally:
+        s.close()
+    assert any(answers[q, "none"] != answers[q, "dense"] for q in QUERIES)
+    r = client.get("/search", params={"q": QUERIES[0], "feedback": "twice"})
+    assert r.status_code == 422 and "feedback" in r.text
+
+
 def test_batch_equals_singles(served):
     _, client, _, _, _ = served
     r = client.post("/search/batch", json={"queries": QUERIES, "k": 4})

@@ -189,18 +189,22 @@ def test_two_groups_one_per_host_worker_copies_its_files(served):
 
 @pytest.mark.parametrize("mode", ["dense", "keyword", "hybrid"])
 def test_results_equal_in_process(served, lm, mode):
+    """Each mode, with and without feedback (the second pass asks both groups again, with vectors the data
+    node read from staging), answers as one node does."""
     from shoal.cluster.search import Searcher
 
     net = served["net"]
     s = Searcher(local_cfg(served), lm=lm)
     try:
         for q in QUERIES:
-            r = http(net, "GET", A + "/search", params={"q": q, "k": 5, "mode": mode})
-            assert r.status_code == 200, r.text
-            [local] = s.search([q], k=5, mode=mode)
-            hits = r.json()["hits"]
-            assert [h["id"] for h in hits] == [h.id for h in local]
-            assert np.allclose([h["score"] for h in hits], [h.score for h in local], atol=1e-4)
+            for fb in ("none", "dense"):
+                r = http(net, "GET", A + "/search", params={"q": q, "k": 5, "mode": mode, "feedback": fb})
+                assert r.status_code == 200, r.text
+                [local] = s.search([q], k=5, mode=mode, feedback=fb)
+                body = r.json()
+                assert [h["id"] for h in body["hits"]] == [h.id for h in local], (q, fb)
+                assert np.allclose([h["score"] for h in body["hits"]], [h.score for h in local], atol=1e-4)
+                assert body.get("feedback") == ("dense" if fb == "dense" and mode != "keyword" else None)
     finally:
         s.close()
 
@@ -362,10 +366,10 @@ def test_ingress_on_the_worker_host_reads_the_catalog_through_the_data_node(serv
     assert st["catalog"]["chunks"] > 0
     s = Searcher(local_cfg(served), lm=lm)
     try:
-        for mode in ("dense", "keyword", "hybrid"):
-            r = http(net, "GET", A + "/search", params={"q": QUERIES[2], "k": 5, "mode": mode})
+        for mode in ("dense", "keyword", "hybrid"):  # feedback's vectors come through the DataNode too
+            r = http(net, "GET", A + "/search", params={"q": QUERIES[2], "k": 5, "mode": mode, "feedback": "dense"})
             assert r.status_code == 200, r.text
-            [local] = s.search([QUERIES[2]], k=5, mode=mode)
+            [local] = s.search([QUERIES[2]], k=5, mode=mode, feedback="dense")
             assert [h["id"] for h in r.json()["hits"]] == [h.id for h in local], mode
         prefix = str(served["paths"]["1"])
         r = http(net, "GET", A + "/search", params={"q": QUERIES[0], "k": 5, "path_prefix": prefix})

@@ -110,3 +110,65 @@ def test_readers_nice_only_their_own_thread():
     assert niced_call(prio, 0) == before
     with pytest.raises(ZeroDivisionError):  # an error in the reader reaches the caller
         niced_call(lambda: 1 / 0, 5)
+
+
+def test_a_file_written_or_replaced_while_read_is_in_motion_not_half_read(tmp_path):
+    """A writer appends while the reader reads a large file: the read is refused as in motion (the
+    committed version is kept); a file renamed over mid-read is refused as replaced; a quiet one reads."""
+    import os
+    import threading
+
+    from shoal.workers.scan import IN_MOTION, SkipFile, read_bytes_stable
+
+    path = tmp_path / "log.txt"
+    path.write_text("steady line about gas dynamics\n" * 400_000)  # ~12 MB: the read takes a while
+    data, st = read_bytes_stable(str(path), 20 << 20)
+    assert len(data) == st.st_size  # quiet: read whole
+    done = threading.Event()
+
+    def append():
+        with open(path, "a") as f:
+            while not done.is_set():
+                f.write("another line\n")
+                f.flush()
+
+    t = threading.Thread(target=append)
+    t.start()
+    try:
+        reasons = set()
+        for _ in range(5):
+            try:
+                read_bytes_stable(str(path), 20 << 20)
+            except SkipFile as e:
+                reasons.add(e.reason)
+        [p] = prepare_files([(str(path), None)], SPEC)
+    finally:
+        done.set()
+        t.join()
+    assert reasons == {"changed-while-read"} and p.skip is not None and p.skip[0] in IN_MOTION
+    # replaced: other files renamed over its name again and again (as an editor's save does) while it is read
+    x, y = tmp_path / "x.bak", tmp_path / "y.bak"
+    os.link(path, x)
+    y.write_text("another version of the file\n" * 400_000)
+    done.clear()
+
+    def swap():
+        while not done.is_set():
+            for src in (y, x):
+                tmp = tmp_path / "swap.tmp"
+                os.link(src, tmp)
+                os.replace(tmp, path)
+
+    t = threading.Thread(target=swap)
+    t.start()
+    try:
+        seen = set()
+        for _ in range(20):
+            try:
+                read_bytes_stable(str(path), 40 << 20)
+            except SkipFile as e:
+                seen.add(e.reason)
+    finally:
+        done.set()
+        t.join()
+    assert seen == {"replaced-while-read"}
