@@ -167,11 +167,11 @@ class QueryConfig:
     fusion_candidates: int = 100  # hits taken from each side before fusing
     # pseudo-relevance feedback (Rocchio): the query vector moves toward the mean of the first answer's top
     # feedback_docs chunks (feedback_weight beta), the vectors are searched again and fused again. On by
-    # default: chosen on Cranfield's tuning half (m 3, beta 2.0, from the hybrid list, always), it lifted the
-    # report half's nDCG@10 from 0.4163 to 0.4466 (BENCHMARKS.md)
+    # default: chosen on Cranfield's tuning half (m 5, beta 4.0, from the hybrid list, always), it lifted the
+    # report half's nDCG@10 from 0.4163 to 0.4407 (BENCHMARKS.md)
     feedback: Literal["none", "dense"] = "dense"
-    feedback_docs: int = 3
-    feedback_weight: float = 2.0
+    feedback_docs: int = 5
+    feedback_weight: float = 4.0
     feedback_source: Literal["hybrid", "dense"] = "hybrid"  # which first-pass list gives the top chunks
     feedback_when: Literal["always", "agree"] = "always"  # agree: only where the two sides share a top chunk
 

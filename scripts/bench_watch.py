@@ -232,7 +232,7 @@ def main() -> int:
     n_docs = write_text_corpus(load_docs(Path(a.beir)), docs)
     port = free_port()
     cfg = work / "bench.yaml"
-    cfg.write_text(f"serve: {{port: {port}, reload_interval_s: 1.0}}\n")
+    cfg.write_text(f"serve: {{port: {port}}}\n")  # every other key at its default
     head = Head(work)
     out: dict = {"documents": n_docs}
     procs: list[subprocess.Popen] = []
