@@ -321,7 +321,9 @@ def status_dict(cfg: Config) -> dict[str, Any]:
     from shoal.index import generations
 
     data = cfg.data_path
-    st: dict[str, Any] = {"data_dir": str(data), "generation": None}
+    from shoal.cluster.ingest import lock_holder
+
+    st: dict[str, Any] = {"data_dir": str(data), "generation": None, "writer": lock_holder(data)}
     try:
         import torch
 
@@ -368,6 +370,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2, default=str, ensure_ascii=False))
         return 0
     print(f"data dir:    {st['data_dir']}")
+    if st["writer"]:
+        print(f"writer:      {st['writer']}")
     if st["generation"] is None:
         print("generation:  none (run `shoal ingest PATH`)")
     else:

@@ -122,6 +122,20 @@ def data_dir_lock(data: Path, holder: str = "shoal ingest") -> Iterator[None]:
             f.truncate()
             fcntl.flock(f, fcntl.LOCK_UN)
 
+def lock_holder(data: Path) -> Optional[str]:
+    """Who holds the data dir's write lock now (what it wrote there), or None where nobody does."""
+    path = layout.lock(data)
+    if not path.is_file():
+        return None
+    with open(path, "r") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another shoal process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def resolve_roots(paths: Sequence[str]) -> list[str]:
     if not paths:
         raise ShoalError("no path given: shoal ingest PATH [PATH ...]")

@@ -208,6 +208,9 @@ def test_a_second_writer_is_refused_naming_the_watcher(watched):
     cfg, w, client, tmp, _ = watched
     with pytest.raises(ShoalError, match=r"shoal ingest --watch .*pid %d" % os.getpid()):
         ingest([str(tmp / "docs")], cfg, out=lambda s: None)
+    from shoal.cluster.cli import status_dict
+
+    assert "shoal ingest --watch" in status_dict(cfg)["writer"]  # `shoal status` names it too
 
 
 def test_events_or_polling_is_chosen_per_root():
