@@ -170,8 +170,8 @@ class QueryConfig:
     # default: chosen on Cranfield's tuning half (m 5, beta 4.0, from the hybrid list, always), it lifted the
     # report half's nDCG@10 from 0.4163 to 0.4407 (BENCHMARKS.md)
     feedback: Literal["none", "dense"] = "dense"
-    feedback_docs: int = 5
-    feedback_weight: float = 4.0
+    feedback_docs: int = 2
+    feedback_weight: float = 0.5
     feedback_source: Literal["hybrid", "dense"] = "hybrid"  # which first-pass list gives the top chunks
     feedback_when: Literal["always", "agree"] = "always"  # agree: only where the two sides share a top chunk
 

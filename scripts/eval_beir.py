@@ -221,7 +221,7 @@ FEEDBACK_GRID = [("none", 0, 0.0, "-", "-")] + [("dense", m, b, src, when) for m
                                                 for b in (0.5, 1.0, 2.0, 3.0, 4.0) for src in ("hybrid", "dense")
                                                 for when in ("always", "agree")]
 # --feedback-grid quick (the suite's): the shipped setting and its two neighbouring weights
-FEEDBACK_QUICK = [("none", 0, 0.0, "-", "-")] + [("dense", 5, b, "hybrid", "always") for b in (3.0, 4.0)]
+FEEDBACK_QUICK = [("none", 0, 0.0, "-", "-")] + [("dense", 2, b, "hybrid", "always") for b in (0.5, 1.0)]
 
 
 def tune_feedback(s: Any, queries: dict[str, str], qrels: dict[str, dict[str, int]], tune_q: list[str],
