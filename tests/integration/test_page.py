@@ -242,6 +242,10 @@ def test_with_a_token_the_page_asks_for_it_then_works(site, browser):
         in_a_row = in_a_row + 1 if httpx.get(URL + "/search", params={"q": "wing"}).status_code == 401 else 0
         time.sleep(0.2)
     assert in_a_row == 5, "the app with a token did not take over"
+    ok = {"authorization": "Bearer page-s3cret"}
+    while time.time() < deadline and httpx.get(URL + "/search", params={"q": "wing"}, headers=ok,
+                                                timeout=60).status_code != 200:
+        time.sleep(0.5)  # the new shard groups are up too: the browser's first search does not wait on them
     try:
         page = browser.new_page()
         r = page.goto(URL + "/?q=wing+flutter")
@@ -253,13 +257,13 @@ def test_with_a_token_the_page_asks_for_it_then_works(site, browser):
         assert page.locator("#results").count() == 0
         page.fill("#token", "page-s3cret")
         page.press("#token", "Enter")
-        page.wait_for_selector("#summary")
+        page.wait_for_selector("#summary", timeout=90_000)
         assert page.locator("#results article.hit").count() == 10 and "page-s3cret" not in page.url
         page.locator("#results article.hit h2 a").first.click()  # the passage view, with the kept token
-        page.wait_for_selector("pre.context")
+        page.wait_for_selector("pre.context", timeout=90_000)
         assert "page-s3cret" not in page.url
         page.reload()  # kept for the tab: a reload fetches it again with the header
-        page.wait_for_selector("pre.context")
+        page.wait_for_selector("pre.context", timeout=90_000)
         page.close()
     finally:
         serve.run(build_app(AppArgs(cfg=config_to_dict(site["cfg"]))), name=APP, route_prefix="/",
