@@ -101,14 +101,19 @@ def chunk_map(data: Path) -> dict[tuple[str, int], int]:
     return {(Path(p).name, o): i for p, o, i in rows}
 
 
-def parts(data: Path) -> int:
+def rows(data: Path, table: str) -> int:
+    """Rows of one catalog table, read-only (0 while there is no catalog yet)."""
     try:
         db = sqlite3.connect(f"file:{data / 'catalog.sqlite'}?mode=ro", uri=True, timeout=1)
-        n = db.execute("SELECT count(*) FROM parts").fetchone()[0]
+        n = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
         db.close()
         return n
     except sqlite3.Error:
         return 0
+
+
+def parts(data: Path) -> int:
+    return rows(data, "parts")
 
 
 def index_ids(data: Path) -> np.ndarray:
@@ -308,13 +313,7 @@ def test_serve_shard_groups_on_two_logical_gpus(corpus, reference, tmp_path):
 
 
 def file_count(data: Path) -> int:
-    try:
-        db = sqlite3.connect(f"file:{data / 'catalog.sqlite'}?mode=ro", uri=True, timeout=1)
-        n = db.execute("SELECT count(*) FROM files").fetchone()[0]
-        db.close()
-        return n
-    except sqlite3.Error:
-        return 0
+    return rows(data, "files")
 
 
 def wait_for(what, pred, timeout_s=300):
