@@ -88,8 +88,8 @@ class Head:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def shoal(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "shoal.cluster.cli", *args], cwd=ROOT, env=env(),
+def shoal(*args, extra_env: dict | None = None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "shoal.cluster.cli", *args], cwd=ROOT, env={**env(), **(extra_env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -154,61 +154,6 @@ def check_same(data: Path, reference: dict) -> None:
     assert np.array_equal(index_ids(data), ids)
 
 
-def test_job_submit_two_logical_gpus_and_metrics(corpus, reference, tmp_path):
-    head = Head(tmp_path)
-    try:
-        data = tmp_path / "data"
-        r = subprocess.run(
-            ["ray", "job", "submit", "--address", head.dashboard, "--working-dir", ".", "--runtime-env",
-             "configs/runtime_env.yaml", "--", "shoal", "ingest", str(corpus / "docs"),
-             "--config", "configs/test.yaml", "--data-dir", str(data)],
-            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-        log = r.stdout + r.stderr
-        assert r.returncode == 0, log[-3000:]
-        assert "succeeded" in log
-        # one actor per logical GPU, each told its device by Ray, computing on the CPU
-        visible = sorted(set(re.findall(r"CUDA_VISIBLE_DEVICES='(\d)'", log)))
-        assert visible == ["0", "1"], log[-3000:]
-        assert log.count("no card answers; embedding on the CPU") == 2
-        assert re.search(r"\[ingest\].*100%", log)  # plain progress lines in the job log
-        assert sorted(chunk_map(data).values()) == sorted(reference.values())
-        # the README's `ray job` commands, as written there (with --address)
-        [job_id] = set(re.findall(r"raysubmit_\w+", log))
-        for cmd in (["ray", "job", "list", "--address", head.dashboard],
-                    ["ray", "job", "logs", "--address", head.dashboard, "--follow", job_id]):
-            r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
-            assert r.returncode == 0, (cmd, r.stderr[-2000:])
-            assert job_id in r.stdout if cmd[2] == "list" else "[ingest]" in r.stdout
-        # embedding actors named after their device slot and run (the dashboard's Actors page)
-        r = subprocess.run(["ray", "list", "actors", "--address", head.dashboard, "--detail", "--format", "json",
-                            "--filter", "class_name=EmbedActor"],
-                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
-        names = sorted(a["name"] for a in json.loads(r.stdout))
-        assert names == ["shoal-embed-gpu0-run1", "shoal-embed-gpu1-run1"], names
-        q = shoal("query", "experimental investigation of the aerodynamics of a wing in a slipstream",
-                  "-k", "1", "--data-dir", str(data))
-        out, _ = q.communicate(timeout=120)
-        assert q.returncode == 0 and f"{corpus / 'docs' / '1.txt'}" in out, out
-        # shoal's own metrics on the head's Prometheus endpoint, non-zero
-        metrics, deadline = "", time.time() + 60
-        while time.time() < deadline:
-            metrics = httpx.get(f"http://127.0.0.1:{head.ports['metrics']}/metrics", timeout=10).text
-            if "ray_shoal_files_scanned_total" in metrics and "ray_shoal_chunks_embedded_total" in metrics:
-                break
-            time.sleep(2)
-
-        def total(name: str) -> float:
-            return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", metrics, re.M))
-
-        assert total("ray_shoal_files_scanned_total") == 80
-        assert total("ray_shoal_chunks_embedded_total") == len(reference)
-        assert total("ray_shoal_embed_batch_latency_s_count") > 0
-        assert total("ray_shoal_bytes_read_total") > 0
-    finally:
-        head.stop()
-
-
 def test_resume_after_driver_sigkill(corpus, reference, tmp_path):
     data = tmp_path / "data"
     args = ("ingest", str(corpus / "docs"), "--config", "configs/test.yaml", "--data-dir", str(data))
@@ -257,7 +202,8 @@ def test_resume_after_ray_stop_mid_run(corpus, reference, tmp_path):
     try:
         args = ("ingest", str(corpus / "docs"), "--config", "configs/test.yaml", "--data-dir", str(data),
                 "--address", head.address)
-        p = shoal(*args)
+        # Ray's driver waits 60 s for a lost GCS to come back before it gives up; 5 s here says the same
+        p = shoal(*args, extra_env={"RAY_gcs_rpc_server_reconnect_timeout_s": "5"})
         deadline = time.time() + 300
         while time.time() < deadline and parts(data) < 1 and p.poll() is None:
             time.sleep(0.05)
@@ -279,39 +225,6 @@ def test_resume_after_ray_stop_mid_run(corpus, reference, tmp_path):
     check_same(data, reference)
 
 
-def test_serve_shard_groups_on_two_logical_gpus(corpus, reference, tmp_path):
-    """`shoal serve --address` on a head with 2 logical GPUs: one ShardSearcher per GPU, answers from the CPU."""
-    head = Head(tmp_path)
-    try:
-        data = tmp_path / "data"
-        cfg = tmp_path / "two_gpus.yaml"
-        port = free_port()
-        cfg.write_text(
-            "chunk: {tokens: 128, overlap_tokens: 16}\n"
-            "index:\n  factory: 'IVF8,Flat'\n  gpus: [{name: rtx4080, memory: 16G}, {name: p4000, memory: 8G}]\n"
-            f"serve: {{port: {port}, num_cpus_encoder: 0.3, num_cpus_searcher: 0.1, num_cpus_ingress: 0.1,"
-            " num_cpus_reranker: 0.1}\n")
-        p = shoal("ingest", str(corpus / "docs"), "--config", str(cfg), "--data-dir", str(data),
-                  "--address", head.address)
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out[-3000:]
-        p = shoal("serve", "--config", str(cfg), "--data-dir", str(data), "--address", head.address, "--detach")
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0 and f"127.0.0.1:{port}" in out, out[-3000:]
-        url = f"http://127.0.0.1:{port}"
-        st = httpx.get(url + "/stats", timeout=60).json()
-        groups = sorted(st["shard_groups"], key=lambda g: g["group"])
-        assert len(groups) == 2
-        assert sorted(g["cuda_visible_devices"] for g in groups) == ["0", "1"]  # one logical GPU each
-        assert all(g["devices"] == ["cpu"] for g in groups)  # no card answers: searched on the CPU
-        assert [g["ntotal"] for g in groups] == [round(len(reference) * 2 / 3), len(reference) - round(len(reference) * 2 / 3)]
-        r = httpx.get(url + "/search", params={"q": "experimental investigation of the aerodynamics of a wing in a "
-                                                    "slipstream", "k": 1, "mode": "dense"}, timeout=60).json()
-        assert r["hits"][0]["path"] == str(corpus / "docs" / "1.txt")
-    finally:
-        head.stop()
-
-
 def file_count(data: Path) -> int:
     return rows(data, "files")
 
@@ -325,7 +238,85 @@ def wait_for(what, pred, timeout_s=300):
     raise AssertionError(f"{what}: not within {timeout_s}s")
 
 
-def test_watch_as_a_ray_job_polls_stops_on_job_stop_and_resumes_after_sigkill(corpus, reference, tmp_path):
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """One `ray start --head` with 2 logical GPUs for the tests that submit to a cluster: the job, the watcher
+    and the Serve app (each in its own data dir; the job goes first, so its counts are the head's)."""
+    h = Head(tmp_path_factory.mktemp("head"))
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="module")
+def submitted(corpus, head, tmp_path_factory):
+    """`ray job submit -- shoal ingest` with the suite's settings plus an IVF index over two GPUs sized
+    16G and 8G; the Serve test below serves what it built."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("submitted")
+    cfg = yaml.safe_load((ROOT / "configs" / "test.yaml").read_text())
+    port = free_port()
+    cfg["index"] = dict(cfg["index"], factory="IVF8,Flat",
+                        gpus=[{"name": "rtx4080", "memory": "16G"}, {"name": "p4000", "memory": "8G"}])
+    cfg["serve"] = {"port": port, "num_cpus_encoder": 0.3, "num_cpus_searcher": 0.1, "num_cpus_ingress": 0.1,
+                    "num_cpus_reranker": 0.1}
+    (tmp / "two_gpus.yaml").write_text(yaml.safe_dump(cfg))
+    data = tmp / "data"
+    r = subprocess.run(
+        ["ray", "job", "submit", "--address", head.dashboard, "--working-dir", ".", "--runtime-env",
+         "configs/runtime_env.yaml", "--", "shoal", "ingest", str(corpus / "docs"),
+         "--config", str(tmp / "two_gpus.yaml"), "--data-dir", str(data)],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    return {"log": log, "data": data, "cfg": tmp / "two_gpus.yaml", "port": port}
+
+
+def test_job_submit_two_logical_gpus_and_metrics(corpus, reference, head, submitted):
+    log, data = submitted["log"], submitted["data"]
+    assert "succeeded" in log
+    # one actor per logical GPU, each told its device by Ray, computing on the CPU
+    visible = sorted(set(re.findall(r"CUDA_VISIBLE_DEVICES='(\d)'", log)))
+    assert visible == ["0", "1"], log[-3000:]
+    assert log.count("no card answers; embedding on the CPU") == 2
+    assert re.search(r"\[ingest\].*100%", log)  # plain progress lines in the job log
+    assert sorted(chunk_map(data).values()) == sorted(reference.values())
+    # the README's `ray job` commands, as written there (with --address)
+    [job_id] = set(re.findall(r"raysubmit_\w+", log))
+    for cmd in (["ray", "job", "list", "--address", head.dashboard],
+                ["ray", "job", "logs", "--address", head.dashboard, "--follow", job_id]):
+        r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (cmd, r.stderr[-2000:])
+        assert job_id in r.stdout if cmd[2] == "list" else "[ingest]" in r.stdout
+    # embedding actors named after their device slot and run (the dashboard's Actors page)
+    r = subprocess.run(["ray", "list", "actors", "--address", head.dashboard, "--detail", "--format", "json",
+                        "--filter", "class_name=EmbedActor"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = sorted(a["name"] for a in json.loads(r.stdout))
+    assert names == ["shoal-embed-gpu0-run1", "shoal-embed-gpu1-run1"], names
+    q = shoal("query", "experimental investigation of the aerodynamics of a wing in a slipstream",
+              "-k", "1", "--data-dir", str(data))
+    out, _ = q.communicate(timeout=120)
+    assert q.returncode == 0 and f"{corpus / 'docs' / '1.txt'}" in out, out
+    # shoal's own metrics on the head's Prometheus endpoint, non-zero
+    metrics, deadline = "", time.time() + 60
+    while time.time() < deadline:
+        metrics = httpx.get(f"http://127.0.0.1:{head.ports['metrics']}/metrics", timeout=10).text
+        if "ray_shoal_files_scanned_total" in metrics and "ray_shoal_chunks_embedded_total" in metrics:
+            break
+        time.sleep(2)
+
+    def total(name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", metrics, re.M))
+
+    assert total("ray_shoal_files_scanned_total") == 80
+    assert total("ray_shoal_chunks_embedded_total") == len(reference)
+    assert total("ray_shoal_embed_batch_latency_s_count") > 0
+    assert total("ray_shoal_bytes_read_total") > 0
+
+
+def test_watch_as_a_ray_job_polls_stops_on_job_stop_and_resumes_after_sigkill(corpus, reference, head, tmp_path):
     """`ray job submit -- shoal ingest --watch` (polling): the first pass equals a plain ingest, a new file is
     found by polling, `ray job stop` ends it cleanly (lock released, nothing half-done); then a watcher
     SIGKILLed mid-update resumes on its next start with no chunk lost or doubled, and SIGTERM stops it."""
@@ -339,54 +330,69 @@ def test_watch_as_a_ray_job_polls_stops_on_job_stop_and_resumes_after_sigkill(co
     (tmp_path / "watch.yaml").write_text(yaml.safe_dump(cfg))
     data = tmp_path / "data"
     args = ("ingest", str(docs), "--watch", "--config", str(tmp_path / "watch.yaml"), "--data-dir", str(data))
-    head = Head(tmp_path, num_gpus=0)
-    try:
-        r = subprocess.run(["ray", "job", "submit", "--no-wait", "--address", head.dashboard, "--working-dir", ".",
-                            "--runtime-env", "configs/runtime_env.yaml", "--", "shoal", *args],
-                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        [job] = set(re.findall(r"raysubmit_\w+", r.stdout + r.stderr))
+    r = subprocess.run(["ray", "job", "submit", "--no-wait", "--address", head.dashboard, "--working-dir", ".",
+                        "--runtime-env", "configs/runtime_env.yaml", "--", "shoal", *args],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [job] = set(re.findall(r"raysubmit_\w+", r.stdout + r.stderr))
 
-        def logs() -> str:
-            return subprocess.run(["ray", "job", "logs", "--address", head.dashboard, job], cwd=ROOT, env=env(),
-                                  capture_output=True, text=True, timeout=120).stdout
+    def logs() -> str:
+        return subprocess.run(["ray", "job", "logs", "--address", head.dashboard, job], cwd=ROOT, env=env(),
+                              capture_output=True, text=True, timeout=120).stdout
 
-        wait_for("the first pass", lambda: "[watch] first pass" in logs())
-        assert "(poll)" in logs()
-        check_same(data, reference)  # the first pass is a plain ingest
-        (docs / "polled.txt").write_text("a file that only a poll of the folder can find: beryllium heat shield")
-        wait_for("the polled file", lambda: file_count(data) == 81, 120)
-        assert "ingest --watch" in (data / "write.lock").read_text()
-        r = subprocess.run(["ray", "job", "stop", "--address", head.dashboard, job], cwd=ROOT, env=env(),
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
-        wait_for("the job to stop", lambda: "stopped after" in logs(), 60)
-        assert "SIGTERM: stopping" in logs()
-        assert (data / "write.lock").read_text() == ""  # released: the next writer may start
+    wait_for("the first pass", lambda: "[watch] first pass" in logs())
+    assert "(poll)" in logs()
+    check_same(data, reference)  # the first pass is a plain ingest
+    (docs / "polled.txt").write_text("a file that only a poll of the folder can find: beryllium heat shield")
+    wait_for("the polled file", lambda: file_count(data) == 81, 120)
+    assert "ingest --watch" in (data / "write.lock").read_text()
+    r = subprocess.run(["ray", "job", "stop", "--address", head.dashboard, job], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wait_for("the job to stop", lambda: "stopped after" in logs(), 60)
+    assert "SIGTERM: stopping" in logs()
+    assert (data / "write.lock").read_text() == ""  # released: the next writer may start
 
-        # SIGKILL mid-update: 40 new files in, killed once some of their batches are committed
-        p = shoal(*args, "--address", head.address)
-        lines: list[str] = []
-        while not any("[watch] first pass" in s for s in lines):
-            line = p.stdout.readline()
-            assert line, "".join(lines)[-3000:]
-            lines.append(line)
-        before = parts(data)
-        for i, d in enumerate(cranfield_docs(120)[80:120]):
-            (docs / f"new{i}.txt").write_text(d["title"] + "\n\n" + d["text"])
-        wait_for("a committed batch of the update", lambda: parts(data) >= before + 2, 120)
-        assert file_count(data) < 121, "the update finished before it could be killed"
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        p = shoal(*args, "--address", head.address)
-        wait_for("the resumed pass", lambda: file_count(data) == 121, 300)
-        wait_for("its generation", lambda: len(index_ids(data)) == len(chunk_map(data)), 120)
-        p.send_signal(signal.SIGTERM)
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0 and "did not finish; resuming" in out and "stopped after" in out, out[-3000:]
-        got = chunk_map(data)
-        assert {k: v for k, v in got.items() if k in reference} == reference  # the first 80: untouched
-        ids = np.array(sorted(got.values()))
-        assert len(set(ids)) == len(ids) and np.array_equal(index_ids(data), ids)  # none lost, none twice
-    finally:
-        head.stop()
+    # SIGKILL mid-update: 40 new files in, killed once some of their batches are committed
+    p = shoal(*args, "--address", head.address)
+    lines: list[str] = []
+    while not any("[watch] first pass" in s for s in lines):
+        line = p.stdout.readline()
+        assert line, "".join(lines)[-3000:]
+        lines.append(line)
+    before = parts(data)
+    for i, d in enumerate(cranfield_docs(120)[80:120]):
+        (docs / f"new{i}.txt").write_text(d["title"] + "\n\n" + d["text"])
+    wait_for("a committed batch of the update", lambda: parts(data) >= before + 2, 120)
+    assert file_count(data) < 121, "the update finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    p = shoal(*args, "--address", head.address)
+    wait_for("the resumed pass", lambda: file_count(data) == 121, 300)
+    wait_for("its generation", lambda: len(index_ids(data)) == len(chunk_map(data)), 120)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and "did not finish; resuming" in out and "stopped after" in out, out[-3000:]
+    got = chunk_map(data)
+    assert {k: v for k, v in got.items() if k in reference} == reference  # the first 80: untouched
+    ids = np.array(sorted(got.values()))
+    assert len(set(ids)) == len(ids) and np.array_equal(index_ids(data), ids)  # none lost, none twice
+
+
+def test_serve_shard_groups_on_two_logical_gpus(corpus, reference, head, submitted):
+    """`shoal serve --address` on a head with 2 logical GPUs, over the job's index: one ShardSearcher per GPU,
+    answers from the CPU. Last on the shared head: the app stays up until the head stops."""
+    data, cfg, port = submitted["data"], submitted["cfg"], submitted["port"]
+    p = shoal("serve", "--config", str(cfg), "--data-dir", str(data), "--address", head.address, "--detach")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and f"127.0.0.1:{port}" in out, out[-3000:]
+    url = f"http://127.0.0.1:{port}"
+    st = httpx.get(url + "/stats", timeout=60).json()
+    groups = sorted(st["shard_groups"], key=lambda g: g["group"])
+    assert len(groups) == 2
+    assert sorted(g["cuda_visible_devices"] for g in groups) == ["0", "1"]  # one logical GPU each
+    assert all(g["devices"] == ["cpu"] for g in groups)  # no card answers: searched on the CPU
+    assert [g["ntotal"] for g in groups] == [round(len(reference) * 2 / 3), len(reference) - round(len(reference) * 2 / 3)]
+    r = httpx.get(url + "/search", params={"q": "experimental investigation of the aerodynamics of a wing in a "
+                                                "slipstream", "k": 1, "mode": "dense"}, timeout=60).json()
+    assert r["hits"][0]["path"] == str(corpus / "docs" / "1.txt")
