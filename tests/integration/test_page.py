@@ -112,7 +112,7 @@ def test_query_enter_files_snippets_highlights(site, browser):
     assert "flutter" in marks and any(m.startswith("flutter") and m != "flutter" or m == "wing" for m in marks), marks
     assert "score in [0, 1]" in page.inner_text("#summary")  # the mode's scale, said once
     status = page.inner_text("#status")
-    assert "generation 000001" in status and "files" in status and "0 up" in status, status
+    assert "generation 000001" in status and "files" in status and "shard group #0 up" in status, status
     page.screenshot(path=str(site["shots"] / "results.png"), full_page=True)
     # a file with several matching chunks: counted once, its other passages behind "n more passages"
     log = page.locator("article.hit", has=page.locator("a", has_text="flutter-log.md"))
