@@ -561,6 +561,11 @@ class Ingress:
         got = request.headers.get("authorization", "")
         return not token or hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
 
+    @staticmethod
+    def _token_sent(request: Request) -> bool:
+        """A refused request that carried a token: the page says that one was wrong, not that one is needed."""
+        return bool(request.headers.get("authorization", "").strip())
+
     async def _status_line(self) -> dict[str, Any]:
         """The page's status line: generation, files and chunks, each shard group up or down."""
         now = time.monotonic()
@@ -591,7 +596,8 @@ class Ingress:
         from shoal.cluster import web
 
         if not self._authorized(request):
-            return HTMLResponse(web.search_page(needs_token=True), status_code=401)
+            return HTMLResponse(web.search_page(needs_token=True, token_refused=self._token_sent(request)),
+                                status_code=401)
         form = dict(q=(q or "").strip(), mode=mode or self.cfg.query.mode, k=k, path_prefix=path_prefix,
                     file_type=file_type)
         if not form["q"]:
@@ -618,7 +624,8 @@ class Ingress:
 
         if not self._authorized(request):
             return error(401, "missing or wrong bearer token") if fmt == "json" else \
-                HTMLResponse(web.error_page(PAGE_TITLES[401], "", needs_token=True), status_code=401)
+                HTMLResponse(web.error_page(PAGE_TITLES[401], "", needs_token=True,
+                                            token_refused=self._token_sent(request)), status_code=401)
         try:
             p = await self.core.passage(chunk_id, (q or "").strip() or None, whole=whole)
         except QueryError as e:

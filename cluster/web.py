@@ -62,16 +62,19 @@ def environment() -> Any:
 
 def render(template: str, **data: Any) -> str:
     data.setdefault("needs_token", False)
+    data.setdefault("token_refused", False)
     return environment().get_template(template).render(**data)
 
 
 def search_page(*, q: str = "", mode: str = "hybrid", k: int = 10, path_prefix: Optional[str] = None,
                 file_type: Optional[list[str]] = None, hits: Sequence[dict[str, Any]] = (),
                 status: Optional[dict[str, Any]] = None, error: Optional[dict[str, str]] = None,
-                ms: float = 0.0, partial: bool = False, missing: Sequence[int] = (), needs_token: bool = False) -> str:
+                ms: float = 0.0, partial: bool = False, missing: Sequence[int] = (), needs_token: bool = False,
+                token_refused: bool = False) -> str:
     return render("search.html", q=q, mode=mode, k=k, path_prefix=path_prefix, file_types=FILE_TYPES,
                   selected_types=set(file_type or []), hits=list(hits), status=status, error=error, ms=ms,
-                  partial=partial, missing=list(missing), scale=SCALES.get(mode, ""), needs_token=needs_token)
+                  partial=partial, missing=list(missing), scale=SCALES.get(mode, ""), needs_token=needs_token,
+                  token_refused=token_refused)
 
 
 def passage_page(p: dict[str, Any], q: Optional[str]) -> str:
@@ -84,8 +87,8 @@ def text_page(p: dict[str, Any], q: Optional[str]) -> str:
     return passage_page(p, q)
 
 
-def error_page(title: str, detail: str, *, needs_token: bool = False) -> str:
-    return render("error.html", title=title, detail=detail, needs_token=needs_token)
+def error_page(title: str, detail: str, *, needs_token: bool = False, token_refused: bool = False) -> str:
+    return render("error.html", title=title, detail=detail, needs_token=needs_token, token_refused=token_refused)
 
 
 def static_file(name: str) -> tuple[bytes, str]:

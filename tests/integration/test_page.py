@@ -251,10 +251,12 @@ def test_with_a_token_the_page_asks_for_it_then_works(site, browser):
         r = page.goto(URL + "/?q=wing+flutter")
         assert r.status == 401
         assert "needs a token" in page.inner_text("main") and page.locator("#results").count() == 0
+        assert page.locator("#token-refused").count() == 0  # none sent yet: nothing was refused
         page.fill("#token", "wrong")
         page.press("#token", "Enter")
-        page.wait_for_selector("#token-form:not([hidden])")
-        assert page.locator("#results").count() == 0
+        page.wait_for_selector("#token-refused", timeout=60_000)  # the wrong try's answer has replaced the form
+        assert "not accepted" in page.inner_text("main") and page.locator("#results").count() == 0
+        assert page.input_value("#token") == "" and page.evaluate("sessionStorage.getItem('shoal-token')") is None
         page.fill("#token", "page-s3cret")
         page.press("#token", "Enter")
         page.wait_for_selector("#summary", timeout=90_000)

@@ -4,6 +4,7 @@
 (function () {
   "use strict";
   var KEY = "shoal-token";
+  var latest = 0;  // only the newest load's answer is shown: an older one that comes back late is dropped
 
   function token() {
     try { return sessionStorage.getItem(KEY) || ""; } catch (e) { return ""; }
@@ -19,13 +20,14 @@
   }
 
   function load(url, push) {
-    var headers = { "accept": "text/html" };
-    if (token()) { headers.authorization = "Bearer " + token(); }
+    var headers = { "accept": "text/html" }, sent = token(), mine = ++latest;
+    if (sent) { headers.authorization = "Bearer " + sent; }
     return fetch(url, { headers: headers, credentials: "same-origin" }).then(function (r) {
       return r.text().then(function (html) {
+        if (mine !== latest) { return; }
         var doc = new DOMParser().parseFromString(html, "text/html");  // inert: nothing in it runs
         if (!doc.getElementById("main")) { window.location.assign(url); return; }
-        if (r.status === 401) { setToken(""); }
+        if (r.status === 401 && token() === sent) { setToken(""); }
         swap(doc, "main");
         swap(doc, "status");
         document.title = doc.title;
@@ -45,6 +47,9 @@
       tf.hidden = false;
       tf.addEventListener("submit", function (e) {
         e.preventDefault();
+        if (tf.getAttribute("aria-busy") === "true") { return; }  // one try at a time: its answer replaces the form
+        tf.setAttribute("aria-busy", "true");
+        tf.elements.token.readOnly = true;
         setToken(tf.elements.token.value);
         load(window.location.href, false);
       });
