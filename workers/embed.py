@@ -92,6 +92,18 @@ class LoadedModel:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         return int(pad) if pad is not None else 0
 
+    @property
+    def is_null(self) -> bool:
+        """The null embedder (``null:DIM``): random unit vectors, no weights."""
+        return self.fingerprint.startswith(NULL_PREFIX)
+
+    def weights(self) -> Any:
+        """The PyTorch model; an error where it was loaded without one (the ONNX-only query encoder)."""
+        if self.model is None:
+            raise RuntimeError(f"model {self.name} was loaded for ONNX Runtime queries only, without its "
+                               "PyTorch weights")
+        return self.model
+
 
 def pick_device(requested: str = "auto") -> str:
     import torch
@@ -256,7 +268,7 @@ class EncodeTimes:
 def encode(texts: Sequence[str], lm: LoadedModel, batch_size: int = 64, *,
            max_tokens: Optional[int] = None, times: Optional[EncodeTimes] = None) -> np.ndarray:
     """Embed ``texts`` -> (n, d) float32, L2-normalised, in input order (tokenize, then :func:`encode_ids`)."""
-    if not texts or lm.model is None:
+    if not texts or lm.is_null:
         return null_vectors(len(texts), lm.dim)
     t0 = time.thread_time()
     batch = tokenize(texts, lm)
@@ -278,8 +290,9 @@ def encode_ids(batch: TokenBatch, lm: LoadedModel, batch_size: int = 64, *, max_
     import torch
 
     n = len(batch)
-    if n == 0 or lm.model is None:
+    if n == 0 or lm.is_null:
         return null_vectors(n, lm.dim)
+    model = lm.weights()
     out = np.empty((n, lm.dim), dtype=np.float32)
     if int(batch.lengths.max()) > lm.max_seq_length:
         raise ValueError(f"input ids of {int(batch.lengths.max())} tokens: this model takes at most "
@@ -298,7 +311,7 @@ def encode_ids(batch: TokenBatch, lm: LoadedModel, batch_size: int = 64, *, max_
             mask_dev = mask.to(lm.device, non_blocking=True)
             uniform = int(lengths[i1 - 1]) == int(lengths[i0])
             f0 = time.thread_time()
-            hidden = lm.model(input_ids=ids, attention_mask=None if uniform else mask_dev).last_hidden_state
+            hidden = model(input_ids=ids, attention_mask=None if uniform else mask_dev).last_hidden_state
             pooled = torch.nn.functional.normalize(mean_pool(hidden.float(), mask_dev), p=2, dim=1)
             if cuda:
                 host = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=True)
@@ -402,7 +415,7 @@ def settle_dtype(lm: LoadedModel, dtype: str, min_cosine: float = MIN_COSINE, ba
 
     import torch
 
-    if dtype == "float32" or lm.model is None:
+    if dtype == "float32" or lm.is_null:
         return DtypeCheck("float32", dtype, 1.0, False)
     texts = probe_texts()
     ref = encode(texts, lm, batch_size)

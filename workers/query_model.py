@@ -7,18 +7,34 @@ dispatch: ONNX Runtime runs the same graph 2.7x faster than eager PyTorch here
 included) is cached per model fingerprint in ``$XDG_CACHE_HOME/shoal/onnx``;
 at load its vectors are compared with PyTorch's on fixed passages and below a
 cosine of 0.9999 the encoder stays on PyTorch and says so.
+
+A load that passed the check leaves a *query card* beside the export, filed under
+the model directory's file names, sizes and modification times and the versions
+of torch, transformers, tokenizers and onnxruntime: the fingerprint, the
+dimension, the pad id and the check's cosine. While the directory and those
+versions are unchanged, a CPU process loads its query encoder from the card
+alone: ``tokenizers`` and ONNX Runtime, no torch, no transformers, no hashing of
+the weights (a cold ``shoal query`` in 2 s instead of 15; an Ingress replica
+without PyTorch in its memory). Anything else (a hub name, a card that is
+missing or does not match, a visible card) takes the full load.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import logging
 import os
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 
-from shoal.workers.embed import LoadedModel, encode, load_model, probe_texts, token_batches, tokenize
+from shoal.index.errors import ShoalError
+from shoal.workers.embed import (LoadedModel, encode, is_null_model, load_model, probe_texts, resolve_model_path,
+                                 token_batches, tokenize)
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +99,12 @@ def load_query_model(name: str, *, max_seq_length: int = 256, allow_download: bo
     """The model for queries: ONNX Runtime on the CPU where ``runtime`` allows and onnxruntime imports
     (auto), else PyTorch (a card, the null embedder, or an export that fails its check)."""
     if lm is None:
+        carded = _from_card(name, max_seq_length, threads, runtime, device)
+        if carded is not None:
+            return carded
         lm = load_model(name, device=device, max_seq_length=max_seq_length, allow_download=allow_download,
                         threads=threads)
-    if runtime == "torch" or lm.model is None or lm.device != "cpu":
+    if runtime == "torch" or lm.is_null or lm.device != "cpu":
         return QueryModel(lm)
     try:
         import onnxruntime  # noqa: F401
@@ -112,7 +131,157 @@ def load_query_model(name: str, *, max_seq_length: int = 256, allow_download: bo
                     "PyTorch", lm.name, cos, MIN_COSINE)
         return QueryModel(lm)
     log.info("queries for %s run on ONNX Runtime (min cosine to PyTorch %.7f)", lm.name, cos)
+    _write_card(lm, path, cos)
     return qm
+
+
+# -- the query card: a checked export loaded without torch ---------------------------------------------
+CARD_VERSION = 1
+MAX_DIR_FILES = 2000  # a model directory with more is not listed at every load: it takes the full load
+
+
+def cards_dir() -> Path:
+    return onnx_cache_dir() / "cards"
+
+
+def model_dir_key(path: str) -> Optional[str]:
+    """What a model directory's card is filed under: its absolute path, each file's name, size and
+    modification time, and the versions of what computes the fingerprint, tokenizes and runs the graph.
+    None for a hub name or a directory too big to list at every load."""
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    files = []
+    for i, f in enumerate(sorted(root.rglob("*"))):
+        if i >= MAX_DIR_FILES:
+            return None
+        if f.is_file():
+            st = f.stat()
+            files.append((f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    versions = {m: _version(m) for m in ("torch", "transformers", "tokenizers", "onnxruntime")}
+    blob = json.dumps({"card": CARD_VERSION, "path": str(root.resolve()), "files": files, "versions": versions})
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def _write_card(lm: LoadedModel, onnx: Path, cos: float) -> None:
+    """File the card of a model whose export passed its check, if its directory can be keyed and
+    ``tokenizers`` alone gives its tokenizer's ids (else the next load is a full one again)."""
+    key = model_dir_key(lm.path)
+    if key is None or not direct_tokenizer_agrees(lm):
+        return
+    st = onnx.stat()
+    card = {"card": CARD_VERSION, "name": lm.name, "path": lm.path, "fingerprint": lm.fingerprint, "dim": lm.dim,
+            "max_position_embeddings": int(getattr(lm.model.config, "max_position_embeddings", lm.max_seq_length)),
+            "pad_id": lm.pad_id, "onnx": onnx.name, "onnx_size": st.st_size, "onnx_mtime_ns": st.st_mtime_ns,
+            "min_cosine": cos}
+    target = cards_dir() / f"{key}.json"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(card, indent=1), encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as e:  # a read-only cache: every load is a full one, nothing else changes
+        log.info("cannot write the query card %s: %s", target, e)
+
+
+def read_card(path: str) -> Optional[dict[str, Any]]:
+    """The card of this model directory, if there is one and its export is the one it was checked with."""
+    key = model_dir_key(path)
+    if key is None:
+        return None
+    try:
+        card = json.loads((cards_dir() / f"{key}.json").read_text(encoding="utf-8"))
+        st = (onnx_cache_dir() / card["onnx"]).stat()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if card.get("card") != CARD_VERSION or (st.st_size, st.st_mtime_ns) != (card["onnx_size"], card["onnx_mtime_ns"]):
+        return None
+    return card if card["min_cosine"] >= MIN_COSINE else None
+
+
+def cuda_absent() -> bool:
+    """No CUDA device can answer in this process, known without importing torch: ``CUDA_VISIBLE_DEVICES``
+    set empty (or -1), or no NVIDIA device node (nor WSL's ``/dev/dxg``)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return True
+    return not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg"))
+
+
+def _from_card(name: str, max_seq_length: int, threads: int, runtime: Runtime, device: str) -> Optional[QueryModel]:
+    """The query encoder from its card, on the CPU, without torch; None where the full load must run."""
+    if runtime == "torch" or is_null_model(name) or not (device == "cpu" or (device == "auto" and cuda_absent())):
+        return None
+    try:
+        path = resolve_model_path(name)
+        card = read_card(path)
+        if card is None:
+            return None
+        import onnxruntime  # noqa: F401
+
+        tok = DirectTokenizer(path, card["pad_id"])
+        onnx = onnx_cache_dir() / card["onnx"]
+        lm = LoadedModel(name, path, tok, None, "cpu", min(max_seq_length, int(card["max_position_embeddings"])),
+                         int(card["dim"]), str(card["fingerprint"]))
+        qm = QueryModel(lm, _session(onnx, threads, spin=False), _session(onnx, threads, spin=True))
+    except (ShoalError, ImportError, OSError, ValueError, KeyError, RuntimeError) as e:
+        log.info("model %s: no query card load (%s: %s); loading it in full", name, type(e).__name__, str(e)[:200])
+        return None
+    log.info("queries for %s run on ONNX Runtime, loaded from its card (checked at min cosine %.7f)", name,
+             card["min_cosine"])
+    return qm
+
+
+class DirectTokenizer:
+    """A model directory's ``tokenizer.json`` run by ``tokenizers`` itself: the ids transformers' fast
+    tokenizer gives (``truncation=True, max_length=n``, special tokens added, no padding), without
+    importing transformers (which imports torch). Only used where :func:`direct_tokenizer_agrees`."""
+
+    def __init__(self, path: str, pad_token_id: Optional[int]) -> None:
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        self.tok.no_padding()
+        self.pad_token_id = pad_token_id
+        self._max_length: Optional[int] = None
+
+    def __call__(self, texts: Sequence[str], truncation: bool = True, max_length: Optional[int] = None,
+                 verbose: bool = False) -> dict[str, list[list[int]]]:
+        if max_length != self._max_length:
+            if truncation and max_length:
+                self.tok.enable_truncation(max_length, stride=0, strategy="longest_first", direction="right")
+            else:
+                self.tok.no_truncation()
+            self._max_length = max_length
+        return {"input_ids": [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=True)]}
+
+
+def tokenizer_probe(max_length: int) -> list[str]:
+    """Texts the two tokenizers must agree on: the probe passages, the empty string, odd spacing and
+    scripts, accents and case, and one text far past ``max_length`` (the cut)."""
+    return probe_texts() + ["", "   ", "a", "Naïve CAFÉ façade — résumé", "tab\there\nnew line\r\n end",
+                            "[CLS] [SEP] [PAD] <s> </s> [MASK]", "x" * 3000, "word " * (max_length * 2)]
+
+
+def direct_tokenizer_agrees(lm: LoadedModel) -> bool:
+    """``tokenizers`` alone gives ``lm``'s tokenizer's ids on :func:`tokenizer_probe`."""
+    if not (Path(lm.path) / "tokenizer.json").is_file():
+        return False
+    try:
+        direct = DirectTokenizer(lm.path, lm.pad_id)
+    except Exception as e:  # noqa: BLE001 - a tokenizer.json this version cannot read: full loads it is
+        log.info("model %s: tokenizer.json does not load on its own (%s)", lm.name, e)
+        return False
+    texts, n = tokenizer_probe(lm.max_seq_length), lm.max_seq_length
+    want = lm.tokenizer(texts, truncation=True, max_length=n, verbose=False)["input_ids"]
+    return [list(r) for r in want] == direct(texts, truncation=True, max_length=n)["input_ids"]
 
 
 def export_onnx(lm: LoadedModel, cache: Optional[Path] = None) -> Path:
