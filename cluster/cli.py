@@ -314,6 +314,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embedding_device() -> dict[str, Any]:
+    """Where embedding would run: CUDA as torch sees it, known without loading torch where no device node is."""
+    from shoal.workers.embed import cuda_absent
+
+    if cuda_absent():
+        return {"embedding": "cpu", "torch_cuda_devices": 0}
+    try:
+        import torch
+    except ImportError:
+        return {"embedding": "unknown"}
+    cuda = torch.cuda.is_available()
+    return {"embedding": "cuda" if cuda else "cpu", "torch_cuda_devices": torch.cuda.device_count() if cuda else 0}
+
+
 def status_dict(cfg: Config) -> dict[str, Any]:
     import faiss
 
@@ -324,15 +338,7 @@ def status_dict(cfg: Config) -> dict[str, Any]:
     from shoal.cluster.ingest import lock_holder
 
     st: dict[str, Any] = {"data_dir": str(data), "generation": None, "writer": lock_holder(data)}
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-        st["device"] = {"embedding": "cuda" if cuda else "cpu",
-                        "torch_cuda_devices": torch.cuda.device_count() if cuda else 0,
-                        "faiss_gpus": faiss.get_num_gpus()}
-    except ImportError:
-        st["device"] = {"embedding": "unknown", "faiss_gpus": faiss.get_num_gpus()}
+    st["device"] = {**_embedding_device(), "faiss_gpus": faiss.get_num_gpus()}
     name = generations.current_name(data)
     if name is not None:
         gen_dir, m = generations.open_current(data)

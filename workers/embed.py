@@ -6,6 +6,7 @@ Ray actor in :mod:`shoal.workers.actors` only holds a loaded model and delegates
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -103,6 +104,15 @@ class LoadedModel:
             raise RuntimeError(f"model {self.name} was loaded for ONNX Runtime queries only, without its "
                                "PyTorch weights")
         return self.model
+
+
+def cuda_absent() -> bool:
+    """No CUDA device can answer in this process, known without importing torch: ``CUDA_VISIBLE_DEVICES``
+    set empty (or -1), or no NVIDIA device node (nor WSL's ``/dev/dxg``)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return True
+    return not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg"))
 
 
 def pick_device(requested: str = "auto") -> str:

@@ -21,7 +21,6 @@ missing or does not match, a visible card) takes the full load.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -33,7 +32,7 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 
 from shoal.index.errors import ShoalError
-from shoal.workers.embed import (LoadedModel, encode, is_null_model, load_model, probe_texts, resolve_model_path,
+from shoal.workers.embed import (LoadedModel, cuda_absent, encode, is_null_model, load_model, probe_texts, resolve_model_path,
                                  token_batches, tokenize)
 
 log = logging.getLogger(__name__)
@@ -204,15 +203,6 @@ def read_card(path: str) -> Optional[dict[str, Any]]:
     if card.get("card") != CARD_VERSION or (st.st_size, st.st_mtime_ns) != (card["onnx_size"], card["onnx_mtime_ns"]):
         return None
     return card if card["min_cosine"] >= MIN_COSINE else None
-
-
-def cuda_absent() -> bool:
-    """No CUDA device can answer in this process, known without importing torch: ``CUDA_VISIBLE_DEVICES``
-    set empty (or -1), or no NVIDIA device node (nor WSL's ``/dev/dxg``)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return True
-    return not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg"))
 
 
 def _from_card(name: str, max_seq_length: int, threads: int, runtime: Runtime, device: str) -> Optional[QueryModel]:
