@@ -207,13 +207,14 @@ def test_resume_after_ray_stop_mid_run(corpus, reference, tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline and parts(data) < 1 and p.poll() is None:
             time.sleep(0.05)
-        assert p.poll() is None
+        assert p.poll() is None, "the driver ended before its head was killed:\n" + p.communicate()[0][-3000:]
         head.kill()  # the whole cluster goes away under the driver
         out, _ = p.communicate(timeout=300)
-        assert p.returncode != 0
+        assert p.returncode != 0, "the driver finished although its head was killed:\n" + out[-3000:]
     finally:
         head.stop()
-    assert 0 < len(chunk_map(data)) < len(reference)
+    done = len(chunk_map(data))
+    assert 0 < done < len(reference), (done, len(reference), out[-3000:])
     (tmp_path / "h2").mkdir()
     head = Head(tmp_path / "h2", num_gpus=0)
     try:
@@ -247,6 +248,14 @@ def head(tmp_path_factory):
     h.stop()
 
 
+def submit(head, *args: str, wait: bool = True) -> subprocess.CompletedProcess:
+    """`ray job submit [--no-wait] -- shoal ARGS` as a user runs it: this checkout as the working dir, the
+    runtime env the README gives."""
+    return subprocess.run(["ray", "job", "submit", *([] if wait else ["--no-wait"]), "--address", head.dashboard,
+                           "--working-dir", ".", "--runtime-env", "configs/runtime_env.yaml", "--", "shoal", *args],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600 if wait else 300)
+
+
 @pytest.fixture(scope="module")
 def submitted(corpus, head, tmp_path_factory):
     """`ray job submit -- shoal ingest` with the suite's settings plus an IVF index over two GPUs sized
@@ -262,11 +271,7 @@ def submitted(corpus, head, tmp_path_factory):
                     "num_cpus_reranker": 0.1}
     (tmp / "two_gpus.yaml").write_text(yaml.safe_dump(cfg))
     data = tmp / "data"
-    r = subprocess.run(
-        ["ray", "job", "submit", "--address", head.dashboard, "--working-dir", ".", "--runtime-env",
-         "configs/runtime_env.yaml", "--", "shoal", "ingest", str(corpus / "docs"),
-         "--config", str(tmp / "two_gpus.yaml"), "--data-dir", str(data)],
-        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    r = submit(head, "ingest", str(corpus / "docs"), "--config", str(tmp / "two_gpus.yaml"), "--data-dir", str(data))
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
     return {"log": log, "data": data, "cfg": tmp / "two_gpus.yaml", "port": port}
@@ -330,9 +335,7 @@ def test_watch_as_a_ray_job_polls_stops_on_job_stop_and_resumes_after_sigkill(co
     (tmp_path / "watch.yaml").write_text(yaml.safe_dump(cfg))
     data = tmp_path / "data"
     args = ("ingest", str(docs), "--watch", "--config", str(tmp_path / "watch.yaml"), "--data-dir", str(data))
-    r = subprocess.run(["ray", "job", "submit", "--no-wait", "--address", head.dashboard, "--working-dir", ".",
-                        "--runtime-env", "configs/runtime_env.yaml", "--", "shoal", *args],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    r = submit(head, *args, wait=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     [job] = set(re.findall(r"raysubmit_\w+", r.stdout + r.stderr))
 
